@@ -1,0 +1,214 @@
+"""ir.Program -> real modules: build every network, cut it into parts, infer shapes, create adapters.
+
+Errors from these stages are re-raised as SpecErrors at the statement that caused them.
+Runs on the meta device for `xdsl check` (no memory, no compute) and on the real device to train.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import networkx as nx
+import torch
+from torch import nn
+
+from xdsl.compile.adapters import make_adapter
+from xdsl.compile.build import build_model, load_weights
+from xdsl.compile.cut import cut_model
+from xdsl.compile.graph import build_graph, path_node
+from xdsl.compile.shapes import infer_shapes
+from xdsl.errors import SpecError, XdslError
+from xdsl.lang import ir
+from xdsl.lang.check import WHOLE
+
+__all__ = ["Compiled", "assemble", "input_shape_of"]
+
+# (C, H, W) of one sample per dataset, known without reading the data (for `xdsl check`)
+_INPUT_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32),
+                 "tiny_imagenet": (3, 64, 64)}
+DEFAULT_INPUT_SHAPE = (3, 224, 224)  # ImageNet-sized, for specs with no `data` statement
+
+
+def input_shape_of(program: ir.Program) -> tuple[int, ...]:
+    """The shape of one input sample, from the `data` statement alone."""
+    if program.data is None:
+        return DEFAULT_INPUT_SHAPE
+    if program.data.name == "synthetic":
+        return tuple(program.data.kwargs.get("shape", [3, 8, 8]))
+    return _INPUT_SHAPES.get(program.data.name, DEFAULT_INPUT_SHAPE)
+
+
+@dataclass
+class Compiled:
+    """Modules and graph of a spec. `root.parts[net][part]` and `root.adapters[name]` share parameters
+    with `networks[net]`; `graph` nodes of kind part/adapter carry their output `shape`."""
+
+    program: ir.Program
+    networks: dict[str, nn.Module]
+    root: nn.Module
+    graph: nx.DiGraph
+    input_shape: tuple[int, ...]
+    num_classes: int
+    device: torch.device
+
+    @property
+    def parts(self) -> dict[str, dict[str, nn.Module]]:
+        return {net: dict(parts.items()) for net, parts in self.root.parts.items()}
+
+    @property
+    def adapters(self) -> dict[str, nn.Module]:
+        return dict(self.root.adapters.items())
+
+
+def _located(e: XdslError, pos) -> SpecError:
+    return SpecError(e.message, pos, e.hint)
+
+
+def _build_networks(program: ir.Program, device: str, spec_dir: Path | None,
+                    allow_imports: bool) -> tuple[dict[str, nn.Module], nn.ModuleDict]:
+    networks: dict[str, nn.Module] = {}
+    parts = nn.ModuleDict()
+    errors: list[SpecError] = []
+    for name, decl in program.networks.items():
+        try:
+            model = build_model(decl.ref, decl.kwargs, device=device, spec_dir=spec_dir, allow_imports=allow_imports)
+            if decl.weights:
+                weights = Path(decl.weights)
+                if not weights.is_absolute() and spec_dir is not None:
+                    weights = spec_dir / weights
+                if not weights.exists():
+                    raise XdslError(f"weights file '{weights}' does not exist",
+                                    hint="train the teacher first (it is saved as <run>/final.pt) or fix the path")
+                if device != "meta":
+                    load_weights(model, weights, decl.ref)
+        except XdslError as e:
+            errors.append(_located(e, decl.pos))
+            continue
+        networks[name] = model
+        if name in program.cuts:
+            cut = program.cuts[name]
+            try:
+                parts[name] = nn.ModuleDict(cut_model(model, list(cut.points), list(cut.parts)))
+            except XdslError as e:
+                errors.append(SpecError(f"cannot cut {name} ({decl.ref}): {e.message}", cut.pos, e.hint))
+        else:
+            parts[name] = nn.ModuleDict({WHOLE: model})
+    if errors:
+        raise errors[0] if len(errors) == 1 else SpecErrorsOf(errors)
+    return networks, parts
+
+
+def SpecErrorsOf(errors: list[SpecError]):  # noqa: N802 - reads as a constructor
+    from xdsl.errors import SpecErrors
+
+    return SpecErrors(errors)
+
+
+def _natural_path(program: ir.Program, net: str, upto: int | None = None) -> ir.Path:
+    names = program.parts[net]
+    last = len(names) if upto is None else upto
+    return ir.Path(tuple(ir.PartStep(net, names[i], i) for i in range(last)))
+
+
+def _use_pos(g: nx.DiGraph, node: str):
+    """Where in the spec a path is used (the first loss term or evaluation reaching it)."""
+    for succ in nx.descendants(g, node):
+        prim = g.nodes[succ].get("prim")
+        if prim is not None:
+            return prim.pos
+    return None
+
+
+def _adapter_out_shape(g: nx.DiGraph, node: str, shapes: dict[str, torch.Size], program: ir.Program,
+                       num_classes: int) -> tuple[torch.Size | None, int | None]:
+    """What an adapter must output: the input of the part after it, or the other side of a feature loss."""
+    for succ in g.successors(node):
+        data = g.nodes[succ]
+        if data["kind"] == "part":
+            step: ir.PartStep = data["step"]
+            return shapes[path_node(_natural_path(program, step.net, step.index))], None
+        if data["kind"] == "term":
+            prim: ir.Prim = data["prim"]
+            for arg in prim.args:
+                if isinstance(arg, ir.Path) and path_node(arg) != node and path_node(arg) in shapes:
+                    return shapes[path_node(arg)], None
+    return None, num_classes
+
+
+def assemble(program: ir.Program, *, device: str | torch.device = "cpu", spec_dir: Path | None = None,
+             allow_imports: bool = False, input_shape: tuple[int, ...] | None = None) -> Compiled:
+    """Build, cut and shape-check every network and adapter of a checked program."""
+    device = torch.device(device)
+    input_shape = tuple(input_shape or input_shape_of(program))
+    networks, parts = _build_networks(program, "meta" if device.type == "meta" else "cpu", spec_dir, allow_imports)
+    graph = build_graph(program)
+    # every network's own chain of parts first: these shapes say what each part expects as input
+    natural: list[str] = []
+    for net in program.networks:
+        for k in range(len(program.parts[net])):
+            path = _natural_path(program, net, k + 1)
+            if path_node(path) not in graph:
+                graph.add_node(path_node(path), kind="part", path=path, step=path.steps[-1], owner=net,
+                               target=f"parts.{net}.{path.steps[-1].part}", label=str(path.steps[-1]))
+                graph.add_edge(path_node(path.prefix(k)) if k else "x", path_node(path))
+            natural.append(path_node(path))
+    shapes: dict[str, torch.Size] = {"x": torch.Size((2, *input_shape))}
+    adapters = nn.ModuleDict()
+    adapter_io: dict[str, tuple[torch.Size, torch.Size]] = {}
+    modules_device = "meta" if device.type == "meta" else "cpu"
+    num_classes = 0
+    rest = [n for n in nx.topological_sort(graph) if n not in set(natural)]
+    for node in natural + rest:
+        data = graph.nodes[node]
+        if data["kind"] not in ("part", "adapter"):
+            continue
+        (parent,) = graph.predecessors(node)
+        in_shape = shapes[parent]
+        step = data["step"]
+        if isinstance(step, ir.PartStep):
+            module = parts[step.net][step.part]
+            if step.index > 0:
+                expected = shapes.get(path_node(_natural_path(program, step.net, step.index)))
+                if expected is not None and tuple(expected) != tuple(in_shape):
+                    raise SpecError(
+                        f"shape mismatch in path {data['path']}: {data['path'].prefix(len(data['path'].steps) - 1)} "
+                        f"gives {tuple(in_shape)}, but {step} expects {tuple(expected)}",
+                        _use_pos(graph, node),
+                        f"put an adapter between them, e.g. `adapter a = conv1x1(relu=true) owner {step.net}`")
+        else:
+            decl = program.adapters[step.name]
+            if step.name not in adapters:
+                out_shape, classes = _adapter_out_shape(graph, node, shapes, program, num_classes)
+                try:
+                    with torch.device(modules_device):
+                        adapters[step.name] = make_adapter(decl.kind, decl.kwargs, in_shape, out_shape, classes)
+                except XdslError as e:
+                    raise SpecError(f"adapter '{step.name}': {e.message}", decl.pos, e.hint) from None
+            module = adapters[step.name]
+        try:
+            (out_shape,) = infer_shapes([module], torch.empty(in_shape, device="meta"))
+        except XdslError as e:
+            raise SpecError(f"{data['path']}: {e.message}", _use_pos(graph, node), e.hint) from None
+        except Exception as e:  # a part that cannot take this input at all
+            raise SpecError(f"{data['path']}: {step} cannot take an input of shape {tuple(in_shape)} "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                            _use_pos(graph, node) or program.networks[data['owner']].pos) from None
+        if isinstance(step, ir.AdapterStep):
+            seen = adapter_io.setdefault(step.name, (in_shape, out_shape))
+            if tuple(seen[0]) != tuple(in_shape):
+                raise SpecError(f"adapter '{step.name}' is used on inputs of shapes {tuple(seen[0])} and "
+                                f"{tuple(in_shape)}; an adapter has one shape", _use_pos(graph, node))
+        shapes[node] = out_shape
+        data["shape"] = tuple(out_shape)
+        data["params"] = sum(p.numel() for p in module.parameters())
+        if isinstance(step, ir.PartStep) and step.index == len(program.parts[step.net]) - 1 and not num_classes:
+            num_classes = int(out_shape[-1])
+    root = nn.Module()
+    root.parts = parts
+    root.adapters = adapters
+    if device.type != "meta":
+        root.to(device)
+        for model in networks.values():
+            model.to(device)
+    return Compiled(program, networks, root, graph, input_shape, num_classes, device)

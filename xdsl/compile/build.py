@@ -1,0 +1,357 @@
+"""Build stage: turn a spec's model reference and keyword arguments into an nn.Module.
+
+References: `torchvision.<name>` (every classification model), `timm.<name>` (when timm is installed),
+the builtin small nets and anything else in `xdsl.models.MODELS`, and user code as
+`"package.module:callable"`. User code is imported only from beside the spec, or anywhere when the
+user passes `--allow-imports`; no spec text is ever evaluated. Nothing is downloaded: `weights` is a
+local state_dict file.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import re
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xdsl.errors import XdslError
+from xdsl.models import MODELS
+from xdsl.registry import did_you_mean
+
+__all__ = ["build_model", "check_model_ref", "model_names", "load_weights"]
+
+_USER_REF = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_WEIGHT_ENUM = re.compile(r"^([A-Za-z0-9_]+\.)?(DEFAULT|[A-Z][A-Z0-9_]*_V\d+|[A-Z][A-Z0-9]*(_[A-Z0-9]+)+)$")
+_REF_FORMS = "torchvision.<name>, timm.<name>, builtin.<name> or 'package.module:callable'"
+_TIMM_INSTALL = "pip install 'xdsl-distill[timm]'"
+
+# top-level module name -> spec directory it was imported from (so a second spec's file can replace it)
+_LOCAL_IMPORTS: dict[str, Path] = {}
+
+
+@functools.lru_cache(maxsize=1)
+def _torchvision_names() -> tuple[str, ...]:
+    import torchvision
+
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+@functools.lru_cache(maxsize=1)
+def _timm() -> Any | None:
+    try:
+        import timm
+    except ImportError:
+        return None
+    return timm
+
+
+@functools.lru_cache(maxsize=1)
+def _timm_names() -> frozenset[str]:
+    timm = _timm()
+    return frozenset(timm.list_models()) if timm is not None else frozenset()
+
+
+def model_names(*, include_timm: bool = True) -> list[str]:
+    """Every model reference that resolves by name (user `module:callable` references aside)."""
+    names = MODELS.names() + [f"torchvision.{n}" for n in _torchvision_names()]
+    if include_timm:
+        names += [f"timm.{n}" for n in sorted(_timm_names())]
+    return names
+
+
+def _unknown(ref: str, kind: str, candidates: list[str]) -> XdslError:
+    guess = did_you_mean(ref, candidates)
+    if guess is None:
+        bare = ref.rsplit(".", 1)[-1]
+        for prefix in ("builtin.", "torchvision.", "timm."):
+            if prefix + bare in candidates:
+                guess = prefix + bare
+                break
+    hint = f"did you mean '{guess}'?" if guess else f"model references are {_REF_FORMS}"
+    return XdslError(f"unknown {kind} '{ref}'", hint=hint)
+
+
+def _timm_missing(ref: str) -> XdslError:
+    return XdslError(f"model '{ref}' needs timm, which is not installed", hint=f"run: {_TIMM_INSTALL}")
+
+
+def check_model_ref(ref: str, *, spec_dir: Path | None = None, allow_imports: bool | None = None) -> None:
+    """Raise the error `build_model` would raise for an unresolvable reference, without building.
+
+    For a `module:callable` reference only the syntax is checked, plus the import rule when
+    `allow_imports` is given (True/False); nothing is imported.
+    """
+    if ":" in ref:
+        _check_user_ref(ref)
+        if allow_imports is False and _local_module_file(ref.split(":")[0], spec_dir) is None:
+            raise _import_refused(ref)
+        return
+    if ref in MODELS:
+        return
+    if ref.startswith("torchvision."):
+        if ref[len("torchvision.") :] not in _torchvision_names():
+            raise _unknown(ref, "torchvision model", [f"torchvision.{n}" for n in _torchvision_names()])
+        return
+    if ref.startswith("timm."):
+        if _timm() is None:
+            raise _timm_missing(ref)
+        arch = ref[len("timm.") :].split(".")[0]  # `resnet50.a1_in1k` names a pretrained tag of resnet50
+        if arch not in _timm_names():
+            raise _unknown(ref, "timm model", [f"timm.{n}" for n in sorted(_timm_names())])
+        return
+    if ref.startswith("builtin."):
+        raise _unknown(ref, "builtin model", [n for n in MODELS.names() if n.startswith("builtin.")])
+    raise _unknown(ref, "model", model_names(include_timm=_timm() is not None))
+
+
+def _check_user_ref(ref: str) -> None:
+    if not _USER_REF.match(ref):
+        raise XdslError(
+            f"bad model reference '{ref}'",
+            hint="a user model is written 'package.module:callable', e.g. 'mynets:make_net'",
+        )
+
+
+def _local_module_file(module_name: str, spec_dir: Path | None) -> Path | None:
+    """The file of `module_name` when it lives in the spec's directory, else None."""
+    if spec_dir is None:
+        return None
+    parts = module_name.split(".")
+    for candidate in (Path(spec_dir).joinpath(*parts[:-1], parts[-1] + ".py"),
+                      Path(spec_dir).joinpath(*parts, "__init__.py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _import_refused(ref: str) -> XdslError:
+    module_name = ref.split(":")[0]
+    top = module_name.split(".")[0]
+    return XdslError(
+        f"model '{ref}' needs Python module '{module_name}', which is not beside the spec file",
+        hint=f"put {top}.py (or the package folder {top}/) next to the spec, "
+        "or pass --allow-imports to import installed modules (this runs their code)",
+    )
+
+
+def _top_level_origin(module: Any) -> Path | None:
+    file = getattr(module, "__file__", None)
+    if file:
+        path = Path(file).resolve()
+        return path.parent if path.name == "__init__.py" else path
+    paths = list(getattr(module, "__path__", []))
+    return Path(paths[0]).resolve() if paths else None
+
+
+def _import_user_module(module_name: str, spec_dir: Path | None, local: bool) -> Any:
+    top = module_name.split(".")[0]
+    if local and spec_dir is not None:
+        spec_dir = Path(spec_dir).resolve()
+        loaded = sys.modules.get(top)
+        if loaded is not None:
+            origin = _top_level_origin(loaded)
+            if origin is None or origin.parent != spec_dir:
+                if top not in _LOCAL_IMPORTS:
+                    raise XdslError(
+                        f"module '{top}' beside the spec has the name of an imported module ({origin})",
+                        hint=f"rename {top} to a name no installed package uses",
+                    )
+                for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+                    del sys.modules[name]
+        _LOCAL_IMPORTS[top] = spec_dir
+    added = spec_dir is not None and str(spec_dir) not in sys.path
+    if added:
+        sys.path.insert(0, str(spec_dir))
+    try:
+        importlib.invalidate_caches()
+        return importlib.import_module(module_name)
+    except XdslError:
+        raise
+    except Exception as e:  # a user file that fails to import is a user error, reported in one line
+        raise XdslError(f"cannot import '{module_name}': {type(e).__name__}: {e}") from e
+    finally:
+        if added:
+            sys.path.remove(str(spec_dir))
+
+
+def _user_constructor(ref: str, spec_dir: Path | None, allow_imports: bool) -> Callable[..., Any]:
+    _check_user_ref(ref)
+    module_name, attr = ref.split(":")
+    local = _local_module_file(module_name, spec_dir) is not None
+    if not local and not allow_imports:
+        raise _import_refused(ref)
+    obj: Any = _import_user_module(module_name, spec_dir, local)
+    for name in attr.split("."):
+        if not hasattr(obj, name):
+            public = [n for n in dir(obj) if not n.startswith("_")]
+            guess = did_you_mean(name, public)
+            raise XdslError(
+                f"'{module_name}' has no attribute '{attr}'",
+                hint=f"did you mean '{module_name}:{guess}'?" if guess else None,
+            )
+        obj = getattr(obj, name)
+    if not callable(obj):
+        raise XdslError(f"'{ref}' is not callable", hint="name a function or class returning an nn.Module")
+    return obj
+
+
+def _constructor(
+    ref: str, kwargs: dict[str, Any], spec_dir: Path | None, allow_imports: bool
+) -> Callable[..., Any]:
+    if ":" in ref:
+        return _user_constructor(ref, spec_dir, allow_imports)
+    check_model_ref(ref)
+    if ref in MODELS:
+        return MODELS.get(ref)
+    if "pretrained" in kwargs:
+        raise XdslError(
+            f"{ref}: 'pretrained' weights cannot be downloaded here",
+            hint="pass weights=\"path/to/state_dict.pt\", a file saved with torch.save(model.state_dict())",
+        )
+    if ref.startswith("torchvision."):
+        import torchvision
+
+        return functools.partial(torchvision.models.get_model, ref[len("torchvision.") :])
+    timm = _timm()
+    assert timm is not None  # check_model_ref refused timm refs without timm
+    return functools.partial(timm.create_model, ref[len("timm.") :], pretrained=False)
+
+
+def _accepted_keywords(ctor: Callable[..., Any], message: str) -> list[str]:
+    """Keyword names a constructor accepts, looking through `**kwargs` to the class named in `message`."""
+    builder: Any = ctor
+    if isinstance(ctor, functools.partial):
+        builder = ctor.func
+        module = getattr(ctor.func, "__module__", "") or ""
+        try:
+            if module.startswith("torchvision") and ctor.args:
+                import torchvision
+
+                builder = torchvision.models.get_model_builder(ctor.args[0])
+            elif module.startswith("timm") and ctor.args:
+                builder = _timm().models.model_entrypoint(ctor.args[0])
+        except Exception:
+            return []
+    target = builder
+    m = re.match(r"(\w+)\.__init__\(\)", message)
+    if m:
+        cls = getattr(sys.modules.get(getattr(builder, "__module__", ""), None), m.group(1), None)
+        if inspect.isclass(cls):
+            target = cls
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        return []
+    skip = {"block", "layers", "weights", "progress", "pretrained"}
+    return [
+        p.name
+        for p in sig.parameters.values()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skip
+    ]
+
+
+def _construct(ref: str, ctor: Callable[..., Any], kwargs: dict[str, Any], device: str) -> nn.Module:
+    try:
+        if device == "meta":
+            try:
+                with torch.device("meta"):
+                    model = ctor(**kwargs)
+            except (NotImplementedError, RuntimeError) as e:
+                if "meta" not in str(e):
+                    raise
+                model = ctor(**kwargs).to("meta")  # constructors that compute with tensors (regnet)
+        else:
+            model = ctor(**kwargs)
+    except TypeError as e:
+        message = str(e)
+        m = re.search(r"unexpected keyword argument '(\w+)'", message)
+        if m:
+            bad = m.group(1)
+            accepted = _accepted_keywords(ctor, message)
+            guess = did_you_mean(bad, accepted)
+            if guess:
+                hint = f"did you mean '{guess}'?"
+            else:
+                hint = f"{ref} accepts: {', '.join(accepted)}" if accepted else None
+            raise XdslError(f"{ref} got an unknown keyword argument '{bad}'", hint=hint) from e
+        raise XdslError(f"cannot build {ref}: {message}") from e
+    except ValueError as e:
+        raise XdslError(f"cannot build {ref}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise XdslError(f"{ref} returned {type(model).__name__}, not a torch.nn.Module")
+    if device not in ("meta", "cpu"):
+        model = model.to(device)
+    return model
+
+
+def _weights_file(ref: str, weights: Any, spec_dir: Path | None) -> Path:
+    if not isinstance(weights, (str, Path)):
+        raise XdslError(f"{ref}: weights must be a file path string, got {weights!r}")
+    path = Path(weights).expanduser()
+    candidates = [path] if path.is_absolute() else [path] + ([Path(spec_dir) / path] if spec_dir else [])
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    if _WEIGHT_ENUM.match(str(weights)):
+        raise XdslError(
+            f"{ref}: weights '{weights}' would need a download, which is impossible here",
+            hint="download the checkpoint elsewhere, save its state_dict with torch.save, "
+            "and pass weights=\"path/to/file.pt\"",
+        )
+    where = " or ".join(str(c) for c in candidates)
+    raise XdslError(f"{ref}: weights file not found: {where}")
+
+
+def load_weights(model: nn.Module, path: Path, ref: str = "model") -> None:
+    """Load a local state_dict (optionally wrapped as {'state_dict': ...} or {'model': ...}) safely."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise XdslError(f"{ref}: cannot load weights from {path}: {e}") from e
+    if isinstance(state, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), Mapping):
+                state = state[key]
+                break
+    if not isinstance(state, Mapping):
+        raise XdslError(f"{ref}: {path} does not hold a state_dict")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise XdslError(
+            f"{ref}: weights in {path} do not fit the model",
+            hint="; ".join(line.strip() for line in first[:4]),
+        ) from e
+
+
+def build_model(
+    ref: str,
+    kwargs: Mapping[str, Any],
+    *,
+    device: str = "cpu",
+    spec_dir: Path | None = None,
+    allow_imports: bool = False,
+) -> nn.Module:
+    """Construct the network a spec names; `device="meta"` allocates nothing (for check-time shapes).
+
+    `weights="file.pt"` (relative to the working directory, then to `spec_dir`) loads a local
+    state_dict into any model; on the meta device the file is only checked to exist.
+    """
+    kwargs = dict(kwargs)
+    weights = kwargs.pop("weights", None)
+    ctor = _constructor(ref, kwargs, spec_dir, allow_imports)
+    weights_path = _weights_file(ref, weights, spec_dir) if weights is not None else None
+    model = _construct(ref, ctor, kwargs, device)
+    if weights_path is not None and device != "meta":
+        load_weights(model, weights_path, ref)
+    return model

@@ -1,0 +1,15 @@
+"""The dataset layer: named datasets with validated parameters, built into a DataBundle."""
+
+from xdsl.data.bundle import DataBundle, seed_worker
+from xdsl.data.datasets import DATASETS, build_data, dataset_params
+from xdsl.data.params import BuildContext, DataParamError
+
+__all__ = [
+    "DATASETS",
+    "BuildContext",
+    "DataBundle",
+    "DataParamError",
+    "build_data",
+    "dataset_params",
+    "seed_worker",
+]

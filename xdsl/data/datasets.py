@@ -1,0 +1,150 @@
+"""Dataset registry and `build_data`: the one entry point the compiler and trainers use."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import TensorDataset
+
+from xdsl.data.bundle import DataBundle
+from xdsl.data.images import cifar10, cifar100, tiny_imagenet
+from xdsl.data.params import BuildContext, DataParamError, check_kwargs, require
+
+__all__ = ["DATASETS", "build_data", "dataset_params", "digits", "synthetic"]
+
+
+def digits(ctx: BuildContext, *, train_fraction: float = 0.5, batch_size: int = 64) -> DataBundle:
+    """scikit-learn's bundled 8x8 digits: real data that needs no download, for quickstart and tests."""
+    require(
+        0.0 < train_fraction < 1.0, ctx, "train_fraction", "a number strictly between 0 and 1", train_fraction
+    )
+    require(batch_size >= 1, ctx, "batch_size", "a positive integer", batch_size)
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    x, y = load_digits(return_X_y=True)
+    try:
+        x_tr, x_te, y_tr, y_te = train_test_split(x, y, train_size=train_fraction, stratify=y, random_state=0)
+    except ValueError as e:
+        raise DataParamError(
+            f"parameter 'train_fraction' of dataset '{ctx.name}' = {train_fraction} gives an unusable "
+            f"split: {e}",
+            dataset=ctx.name,
+            key="train_fraction",
+        ) from None
+    train = torch.tensor(x_tr, dtype=torch.float32) / 16.0
+    test = torch.tensor(x_te, dtype=torch.float32) / 16.0
+    mean, std = train.mean(), train.std().clamp_min(1e-6)
+    return DataBundle(
+        train=TensorDataset(((train - mean) / std).view(-1, 1, 8, 8), torch.tensor(y_tr, dtype=torch.long)),
+        test=TensorDataset(((test - mean) / std).view(-1, 1, 8, 8), torch.tensor(y_te, dtype=torch.long)),
+        num_classes=10,
+        input_shape=(1, 8, 8),
+        batch_size=batch_size,
+        num_workers=0,
+        pin_memory=ctx.device_is_cuda,
+        name=ctx.name,
+        classes=[str(i) for i in range(10)],
+    )
+
+
+def synthetic(
+    ctx: BuildContext,
+    *,
+    num_classes: int = 10,
+    shape: tuple[int, ...] = (3, 8, 8),
+    train_size: int = 256,
+    test_size: int = 128,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> DataBundle:
+    """Gaussian blobs around random class means: learnable, tiny, and fully determined by `seed`."""
+    require(num_classes >= 2, ctx, "num_classes", "an integer >= 2", num_classes)
+    require(
+        len(shape) >= 1 and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape),
+        ctx,
+        "shape",
+        "a non-empty list of positive integers",
+        shape,
+    )
+    require(train_size >= 1, ctx, "train_size", "a positive integer", train_size)
+    require(test_size >= 1, ctx, "test_size", "a positive integer", test_size)
+    require(batch_size >= 1, ctx, "batch_size", "a positive integer", batch_size)
+    shape = tuple(shape)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    means = torch.randn(num_classes, *shape, generator=gen)
+
+    def split(n: int) -> TensorDataset:
+        labels = (torch.arange(n) % num_classes)[torch.randperm(n, generator=gen)]
+        x = means[labels] + torch.randn(n, *shape, generator=gen)
+        return TensorDataset(x, labels)
+
+    train = split(train_size)
+    test = split(test_size)
+    return DataBundle(
+        train=train,
+        test=test,
+        num_classes=num_classes,
+        input_shape=shape,
+        batch_size=batch_size,
+        num_workers=0,
+        pin_memory=ctx.device_is_cuda,
+        name=ctx.name,
+        classes=[str(i) for i in range(num_classes)],
+    )
+
+
+DATASETS: dict[str, Callable[..., DataBundle]] = {
+    "digits": digits,
+    "synthetic": synthetic,
+    "cifar10": cifar10,
+    "cifar100": cifar100,
+    "tiny_imagenet": tiny_imagenet,
+}
+
+
+def _factory(name: str) -> Callable[..., DataBundle]:
+    factory = DATASETS.get(name)
+    if factory is None:
+        raise DataParamError(
+            f"unknown dataset '{name}' (known: {', '.join(DATASETS)})",
+            dataset=name,
+            hint="the embedded 'digits' dataset needs no download",
+        )
+    return factory
+
+
+def dataset_params(name: str) -> dict[str, Any]:
+    """Accepted parameters of dataset `name` with their defaults (lists as lists), for static checks."""
+    params = list(inspect.signature(_factory(name)).parameters.values())[1:]
+    return {p.name: list(p.default) if isinstance(p.default, tuple) else p.default for p in params}
+
+
+def build_data(
+    name: str,
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    spec_dir: Path | None = None,
+    seed: int = 0,
+    device_is_cuda: bool = False,
+) -> DataBundle:
+    """Validate `kwargs` for dataset `name` and build its DataBundle.
+
+    Relative `root` paths resolve against `spec_dir` (else the CWD); `seed` seeds augmentation (combined
+    with each epoch seed); `device_is_cuda` turns on pinned memory. Every failure is an XdslError
+    (DataParamError, carrying `.dataset` and `.key`).
+    """
+    factory = _factory(name)
+    merged = check_kwargs(name, dict(kwargs or {}), dataset_params(name))
+    ctx = BuildContext(
+        name=name,
+        spec_dir=Path(spec_dir) if spec_dir is not None else None,
+        seed=int(seed),
+        device_is_cuda=bool(device_is_cuda),
+    )
+    return factory(ctx, **merged)

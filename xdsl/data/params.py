@@ -1,0 +1,117 @@
+"""Validation of dataset parameters and data paths, so every mistake is one XdslError, not a traceback."""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from xdsl.errors import XdslError
+
+__all__ = ["BuildContext", "DataParamError", "check_kwargs", "require"]
+
+
+class DataParamError(XdslError):
+    """A bad dataset name, parameter or data path; `dataset`/`key` let the checker point at the spec."""
+
+    def __init__(self, message: str, *, dataset: str, key: str | None = None, hint: str | None = None):
+        super().__init__(message, hint)
+        self.dataset = dataset
+        self.key = key
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a dataset factory needs besides its own parameters."""
+
+    name: str
+    spec_dir: Path | None = None
+    seed: int = 0
+    device_is_cuda: bool = False
+
+    def resolve(self, root: str | os.PathLike) -> Path:
+        """Resolve a relative `root` against the spec's directory (else the CWD), as the docs promise."""
+        path = Path(root).expanduser()
+        if not path.is_absolute():
+            base = Path(self.spec_dir) if self.spec_dir is not None else Path.cwd()
+            path = base / path
+        return path.resolve()
+
+    def where(self, root: str | os.PathLike) -> str:
+        """A note explaining how a relative root was resolved (empty for absolute roots)."""
+        if Path(root).expanduser().is_absolute():
+            return ""
+        base = "the spec file's directory" if self.spec_dir is not None else "the current directory"
+        return f" (root={str(root)!r} is resolved against {base})"
+
+
+def require(cond: bool, ctx: BuildContext, key: str, must: str, value: Any) -> None:
+    """Raise a DataParamError for `key` unless `cond` holds."""
+    if not cond:
+        raise DataParamError(
+            f"parameter '{key}' of dataset '{ctx.name}' must be {must}, got {value!r}",
+            dataset=ctx.name,
+            key=key,
+        )
+
+
+def _kind(default: Any) -> str:
+    if isinstance(default, bool):
+        return "a boolean (true/false)"
+    if isinstance(default, int):
+        return "an integer"
+    if isinstance(default, float):
+        return "a number"
+    if isinstance(default, str):
+        return "a string"
+    if isinstance(default, (list, tuple)):
+        return "a list"
+    return type(default).__name__
+
+
+def _coerce(name: str, key: str, value: Any, default: Any) -> Any:
+    """Check `value` has the type of `default` (ints pass as floats, tuples as lists)."""
+    ok: bool
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif isinstance(default, str):
+        ok = isinstance(value, (str, os.PathLike))
+        value = os.fspath(value) if ok else value
+    elif isinstance(default, (list, tuple)):
+        ok = isinstance(value, (list, tuple))
+        value = list(value) if ok else value
+    else:
+        ok = True
+    if not ok:
+        raise DataParamError(
+            f"parameter '{key}' of dataset '{name}' must be {_kind(default)}, got {value!r}",
+            dataset=name,
+            key=key,
+        )
+    return value
+
+
+def check_kwargs(name: str, kwargs: Mapping[str, Any], params: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge user kwargs over defaults, rejecting unknown keys and wrongly typed values."""
+    accepted = ", ".join(params) or "(none)"
+    for key in kwargs:
+        if key not in params:
+            close = difflib.get_close_matches(str(key), list(params), n=1)
+            raise DataParamError(
+                f"dataset '{name}' has no parameter '{key}' (accepted: {accepted})",
+                dataset=name,
+                key=str(key),
+                hint=f"did you mean '{close[0]}'?" if close else None,
+            )
+    merged = dict(params)
+    for key, value in kwargs.items():
+        merged[key] = _coerce(name, key, value, params[key])
+    return merged

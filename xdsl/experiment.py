@@ -1,0 +1,218 @@
+"""The Python API: `xdsl.load(path)` runs every compile stage and returns an `Experiment`.
+
+    exp = xdsl.load("spec.xspec")
+    exp.forward("net1.up >> net2.down", x)   # logits of any path
+    exp.objectives(x, y)                     # {"net1": loss, "net2": loss} of the current train block
+    exp.train_step(x, y)                     # one optimisation step under the train block's order
+"""
+
+from __future__ import annotations
+
+import random
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import nn
+
+from xdsl.compile.assemble import Compiled, assemble
+from xdsl.compile.lower import Lowered, lower, path_module
+from xdsl.errors import SpecError
+from xdsl.lang import ir
+from xdsl.lang.check import check
+from xdsl.lang.parser import parse_expr, parse_file
+from xdsl.train.optim import make_optimizer, make_scheduler
+
+__all__ = ["Experiment", "load", "compile_program"]
+
+
+def compile_program(path: str | Path, *, device: str | torch.device = "cpu", allow_imports: bool = False,
+                    input_shape: tuple[int, ...] | None = None, overrides: dict[str, Any] | None = None) -> Compiled:
+    """parse -> check -> build -> cut -> shapes -> graph, for `xdsl check/compile/graph` and `load`."""
+    path = Path(path)
+    program = check(parse_file(path))
+    if overrides:
+        from xdsl.overrides import apply_overrides
+
+        program = apply_overrides(program, overrides)
+    return assemble(program, device=device, spec_dir=path.resolve().parent, allow_imports=allow_imports,
+                    input_shape=input_shape)
+
+
+class Experiment:
+    """Compiled spec plus the state of training: the current train block, its optimisers and schedules."""
+
+    def __init__(self, compiled: Compiled, *, compile_mode: str | None = None, amp: torch.dtype | None = None,
+                 channels_last: bool = False):
+        self.compiled = compiled
+        self.program = compiled.program
+        self.networks: dict[str, nn.Module] = compiled.networks
+        self.parts: dict[str, dict[str, nn.Module]] = compiled.parts
+        self.adapters: dict[str, nn.Module] = compiled.adapters
+        self.graph: nx.DiGraph = compiled.graph
+        self.device = compiled.device
+        self.compile_mode = compile_mode  # torch.compile mode, None = eager
+        self.amp = amp                    # autocast dtype for forward passes (bf16 on CUDA), None = fp32
+        self.channels_last = channels_last
+        if channels_last:
+            compiled.root.to(memory_format=torch.channels_last)
+        self.stage: ir.Stage | None = None
+        self.step_count = 0
+        self.last_terms: dict[str, dict[str, torch.Tensor]] = {}
+        self._paths: dict[str, nn.Module] = {}
+        if self.program.stages:
+            self.use_stage(self.program.stages[0].name)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n}[{', '.join(p)}]" for n, p in self.parts.items())
+        stage = self.stage.name if self.stage else None
+        return f"Experiment({self.program.file}: {parts}; adapters={list(self.adapters)}; stage={stage})"
+
+    # ---- ownership ----
+    def owned_modules(self, net: str) -> list[nn.Module]:
+        """What `minimize ... wrt net` updates: the network and the adapters it owns."""
+        owned = [self.networks[net]]
+        owned += [m for name, m in self.adapters.items() if self.program.adapters[name].owner == net]
+        return owned
+
+    def owned_params(self, net: str) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for module in self.owned_modules(net):
+            for p in module.parameters():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    # ---- stages ----
+    def use_stage(self, name: str) -> None:
+        """Make a train block current: freeze what it does not train, build optimisers and generated code."""
+        stage = next((s for s in self.program.stages if s.name == name), None)
+        if stage is None:
+            raise KeyError(f"no train block '{name}'; blocks: {[s.name for s in self.program.stages]}")
+        self.stage = stage
+        trainable = set(stage.trained)
+        for net in self.networks:
+            train = net in trainable
+            for module in self.owned_modules(net):
+                module.requires_grad_(train)
+                module.train(train)
+        self.params = {net: self.owned_params(net) for net in stage.trained}
+        self.optimizers = {net: make_optimizer(stage.optimizer, self.params[net], self.device)
+                           for net in stage.trained}
+        self.schedulers = {net: make_scheduler(stage.schedule, opt, stage.epochs)
+                           for net, opt in self.optimizers.items()}
+        root = self.compiled.root
+        if stage.order == "simultaneous":
+            self._joint = self._compile(lower(self.graph, root, stage, stage.trained, trainable))
+            self._single = {}
+        else:
+            self._single = {net: self._compile(lower(self.graph, root, stage, (net,), trainable))
+                            for net in stage.trained}
+            self._joint = None
+        self._all = lower(self.graph, root, stage, stage.trained, trainable)
+        self.step_count = 0
+
+    def _compile(self, lowered: Lowered) -> Lowered:
+        if self.compile_mode is None:
+            return lowered
+        compiled = torch.compile(lowered.module, mode=None if self.compile_mode == "default" else self.compile_mode)
+        return Lowered(compiled, lowered.networks, lowered.terms)  # type: ignore[arg-type]
+
+    def set_train_mode(self, training: bool) -> None:
+        """train() for the block's trained networks, eval() for everything else (frozen teachers)."""
+        trained = set(self.stage.trained) if self.stage else set()
+        for net in self.networks:
+            for module in self.owned_modules(net):
+                module.train(training and net in trained)
+
+    def autocast(self):
+        """Mixed-precision context for forward passes (a no-op without `amp`)."""
+        if self.amp is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp)
+
+    # ---- the API of DESIGN.md ----
+    def path(self, text: str) -> ir.Path:
+        """Parse and check a path such as `net1.up >> a12 >> net2.down`."""
+        from xdsl.lang.check import path_of
+
+        return path_of(self.program, parse_expr(text))
+
+    def forward(self, path: str | ir.Path, x: torch.Tensor) -> torch.Tensor:
+        """Output of any path (logits when it ends in a last part or a head) on the batch x."""
+        p = self.path(path) if isinstance(path, str) else path
+        key = str(p)
+        if key not in self._paths:
+            missing = [s for s in p.steps if isinstance(s, ir.AdapterStep) and s.name not in self.adapters]
+            if missing:
+                raise SpecError(f"adapter '{missing[0].name}' is not used by the spec, so it has no shape yet")
+            self._paths[key] = path_module(self.compiled.root, p)
+        return self._paths[key](x)
+
+    def objectives(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every trained network's objective on (x, y) under the current weights (no update)."""
+        losses, terms = self._all.module(x, y)
+        return dict(zip(self._all.networks, losses))
+
+    def update_order(self) -> list[str]:
+        """Networks in the order they are updated on this batch (DML Algorithm 1 and variants)."""
+        nets = list(self.stage.trained)
+        if self.stage.order == "round_robin":
+            k = self.step_count % len(nets)
+            return nets[k:] + nets[:k]
+        if self.stage.order == "random":
+            order = nets[:]
+            random.Random(self.step_count + 7919 * torch.initial_seed()).shuffle(order)
+            return order
+        return nets
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimisation step of the current train block; returns each network's (detached) loss."""
+        stage = self.stage
+        out: dict[str, torch.Tensor] = {}
+        clip = stage.settings.get("grad_clip")
+        if stage.order == "simultaneous":
+            with self.autocast():
+                losses, terms = self._joint.module(x, y)
+            self._record_terms(self._joint, terms)
+            last = len(losses) - 1
+            for i, (net, loss) in enumerate(zip(self._joint.networks, losses)):
+                self.optimizers[net].zero_grad(set_to_none=True)
+                loss.backward(inputs=self.params[net], retain_graph=i < last)
+                out[net] = loss.detach()
+            for net in self._joint.networks:
+                self._step(net, clip)
+        else:
+            for net in self.update_order():
+                lowered = self._single[net]
+                with self.autocast():
+                    (loss,), terms = lowered.module(x, y)
+                self._record_terms(lowered, terms)
+                self.optimizers[net].zero_grad(set_to_none=True)
+                loss.backward(inputs=self.params[net])
+                self._step(net, clip)
+                out[net] = loss.detach()
+        self.step_count += 1
+        return out
+
+    def _step(self, net: str, clip: float | None) -> None:
+        if clip:
+            torch.nn.utils.clip_grad_norm_(self.params[net], clip)
+        self.optimizers[net].step()
+
+    def _record_terms(self, lowered: Lowered, terms) -> None:
+        for net in lowered.networks:
+            self.last_terms[net] = dict(zip(lowered.terms, terms))
+
+    def scheduler_step(self) -> None:
+        for sched in self.schedulers.values():
+            if sched is not None:
+                sched.step()
+
+
+def load(path: str | Path, *, device: str | torch.device = "cpu", compile_mode: str | None = None,
+         allow_imports: bool = False, overrides: dict[str, Any] | None = None) -> Experiment:
+    """parse + check + build + cut + shapes + graph + lower: a ready-to-train Experiment."""
+    compiled = compile_program(path, device=device, allow_imports=allow_imports, overrides=overrides)
+    return Experiment(compiled, compile_mode=compile_mode)

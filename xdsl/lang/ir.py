@@ -1,0 +1,193 @@
+"""The checked program: names resolved, macros expanded, every loss unrolled into a term tree.
+
+This is what the compiler stages consume. Terms are hashable, so identical sub-results
+(the same path on the same input) are recognised by equality when the graph is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from xdsl.errors import Pos
+from xdsl.lang import ast
+
+__all__ = [
+    "PartStep", "AdapterStep", "Step", "Path", "Ensemble", "Labels", "Const", "Prim", "Arith", "Term",
+    "NetworkDecl", "CutDecl", "AdapterDecl", "DataDecl", "OptimizerDecl", "Stage", "EvalItem", "Program",
+]
+
+NOPOS = Pos("<generated>", 0, 0)
+
+
+@dataclass(frozen=True)
+class PartStep:
+    """Part number `index` of network `net` (optionally as saved after epoch `epoch`)."""
+
+    net: str
+    part: str
+    index: int
+    epoch: int | None = None
+
+    def __str__(self) -> str:
+        name = f"{self.net}{'' if self.epoch is None else f'@{self.epoch}'}"
+        return name if self.part == "all" else f"{name}.{self.part}"  # "all": the part of an uncut network
+
+
+@dataclass(frozen=True)
+class AdapterStep:
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+Step = Union[PartStep, AdapterStep]
+
+
+@dataclass(frozen=True)
+class Path:
+    """Modules applied one after another to the input batch `x`; `()` is `x` itself."""
+
+    steps: tuple[Step, ...]
+
+    def __str__(self) -> str:
+        return " >> ".join(str(s) for s in self.steps) if self.steps else "x"
+
+    def prefix(self, n: int) -> Path:
+        return Path(self.steps[:n])
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """`ensemble(a, b)` as a teacher: log of the averaged softmax of the member paths (valid logits)."""
+
+    members: tuple[Path, ...]
+
+    def __str__(self) -> str:
+        return f"ensemble({', '.join(str(m) for m in self.members)})"
+
+
+@dataclass(frozen=True)
+class Labels:
+    def __str__(self) -> str:
+        return "y"
+
+
+@dataclass(frozen=True)
+class Const:
+    value: float
+
+    def __str__(self) -> str:
+        return repr(self.value)
+
+
+@dataclass(frozen=True)
+class Prim:
+    """A loss primitive applied to paths/labels; `args` follow the primitive's signature, defaults filled."""
+
+    name: str
+    args: tuple[Any, ...]
+    pos: Pos = field(default=NOPOS, compare=False, repr=False)
+
+    def __str__(self) -> str:
+        return f"{self.name}({', '.join(str(a) for a in self.args)})"
+
+
+@dataclass(frozen=True)
+class Arith:
+    op: str  # + - * /
+    left: Term
+    right: Term
+
+    def __str__(self) -> str:
+        return f"({self.left} {self.op} {self.right})"
+
+
+Term = Union[Prim, Arith, Const]
+
+
+@dataclass(frozen=True)
+class DataDecl:
+    name: str
+    kwargs: dict[str, Any]
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class NetworkDecl:
+    name: str
+    ref: str
+    kwargs: dict[str, Any]
+    weights: str | None
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class CutDecl:
+    points: tuple[str, ...]
+    parts: tuple[str, ...]
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class AdapterDecl:
+    name: str
+    kind: str
+    kwargs: dict[str, Any]
+    owner: str
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class OptimizerDecl:
+    name: str
+    kwargs: dict[str, Any]
+    pos: Pos
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One `train` block: which network minimises which term, and how."""
+
+    name: str
+    after: str | None
+    objectives: dict[str, Term]          # network -> its objective (order = update order)
+    optimizer: OptimizerDecl
+    epochs: int
+    order: str                           # alternating | simultaneous | round_robin | random
+    schedule: OptimizerDecl | None
+    settings: dict[str, Any]             # every other setting, validated
+    pos: Pos
+
+    @property
+    def trained(self) -> tuple[str, ...]:
+        return tuple(self.objectives)
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """`xross(net1, net2)`: kind plus resolved network names / paths and keyword values."""
+
+    kind: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    pos: Pos
+
+
+@dataclass
+class Program:
+    """A spec after checking: everything the compiler needs, nothing it must re-derive from text."""
+
+    file: str
+    spec: ast.Spec                        # the expanded spec (macros replaced)
+    data: DataDecl | None
+    networks: dict[str, NetworkDecl]
+    parts: dict[str, tuple[str, ...]]     # network -> its part names ("all" when not cut)
+    cuts: dict[str, CutDecl]
+    adapters: dict[str, AdapterDecl]
+    stages: list[Stage]
+    evaluate: list[EvalItem]
+
+    def owner_of(self, module: str) -> str | None:
+        return self.adapters[module].owner if module in self.adapters else None

@@ -1,0 +1,402 @@
+"""Loss primitives of the spec language and their registry.
+
+Every primitive is a plain module-level function of tensors returning a scalar (batch mean), so the
+compiler can emit it as an fx ``call_function`` node and torch.compile can trace it without graph
+breaks: no ``.item()``, no Python branches on tensor values. Branches on Python constants
+(``grad``, ``T``) are allowed. The registry ``LOSSES`` tells the spec checker each primitive's
+arity, keyword names, argument kinds and defaults.
+
+Conventions: logits are ``(B, K)``, features ``(B, C, H, W)`` or ``(B, D)``, labels ``(B,)`` long.
+The target/teacher argument of a distillation loss is detached (no gradient flows into the
+teacher) unless the primitive has ``grad`` and it is true.
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor
+
+from xdsl.errors import XdslError
+
+__all__ = [
+    "REQUIRED",
+    "KINDS",
+    "LossParam",
+    "LossSpec",
+    "LOSSES",
+    "loss_signature",
+    "softmax_entropy",
+    "ce",
+    "kl",
+    "kd",
+    "ce_soft",
+    "entropy",
+    "cwtm",
+    "dkpp",
+    "dkd",
+    "l2",
+    "mse",
+    "l1",
+    "cosine",
+    "hint",
+    "at",
+]
+
+
+class _Required(enum.Enum):
+    """Sentinel type: an enum member so it survives pickling/copying as a singleton."""
+
+    REQUIRED = "REQUIRED"
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED = _Required.REQUIRED
+"""Default of a parameter that must be given."""
+
+KINDS = frozenset({"logits", "features", "labels", "number", "bool"})
+"""Argument kinds: a net path gives ``logits`` or ``features``, ``y`` gives ``labels``."""
+
+
+class LossParam(NamedTuple):
+    """One parameter: unpacks as ``(name, kind, default)``; default is ``REQUIRED`` if required."""
+
+    name: str
+    kind: str
+    default: Any
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What the spec checker needs to know about one primitive (and the function to call)."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    params: tuple[LossParam, ...]
+    doc: str
+    # (param, predicate, message) value constraints on number params, checked by the spec checker
+    # because the functions themselves must stay branch-free.
+    constraints: tuple[tuple[str, Callable[[float], bool], str], ...] = ()
+
+    @property
+    def usage(self) -> str:
+        """The call as written in a ``.xspec`` file, e.g. ``kl(target, p, T=1.0, grad=False)``."""
+        parts = [p.name if p.default is REQUIRED else f"{p.name}={p.default!r}" for p in self.params]
+        return f"{self.name}({', '.join(parts)})"
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params if p.default is REQUIRED)
+
+    def param(self, name: str) -> LossParam | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def check_value(self, param: str, value: float) -> str | None:
+        """Problem with a constant number argument, or None if it is acceptable."""
+        for name, ok, message in self.constraints:
+            if name == param and not ok(value):
+                return f"{self.name}: {message} (got {value!r})"
+        return None
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+_POSITIVE = (lambda v: v > 0, "must be > 0")
+_UNIT = (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
+_NONNEG = (lambda v: v >= 0, "must be >= 0")
+
+
+def _primitive(
+    constraints: dict[str, tuple[Callable[[float], bool], str]] | None = None, **kinds: str
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Register ``fn`` in LOSSES; kinds are given per parameter, defaults come from the signature."""
+
+    def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        sig = inspect.signature(fn)
+        if list(sig.parameters) != list(kinds):
+            raise AssertionError(f"{fn.__name__}: kinds {list(kinds)} != parameters {list(sig.parameters)}")
+        params = []
+        for name, p in sig.parameters.items():
+            if kinds[name] not in KINDS:
+                raise AssertionError(f"{fn.__name__}: unknown kind {kinds[name]!r}")
+            default = REQUIRED if p.default is inspect.Parameter.empty else p.default
+            params.append(LossParam(name, kinds[name], default))
+        cons = tuple((k, ok, msg) for k, (ok, msg) in (constraints or {}).items())
+        LOSSES[fn.__name__] = LossSpec(fn.__name__, fn, tuple(params), inspect.getdoc(fn) or "", cons)
+        return fn
+
+    return register
+
+
+def loss_signature(name: str) -> LossSpec:
+    """The registry entry for ``name``; an unknown name is a user error with a did-you-mean hint."""
+    spec = LOSSES.get(name)
+    if spec is None:
+        close = difflib.get_close_matches(name, LOSSES, n=3)
+        hint = (
+            f"did you mean {' or '.join(close)}?" if close else f"known losses: {', '.join(sorted(LOSSES))}"
+        )
+        raise XdslError(f"unknown loss {name!r}", hint=hint)
+    return spec
+
+
+def _target(x: Tensor, grad: bool) -> Tensor:
+    """Teacher/target side: gradients flow into it only when asked for."""
+    return x if grad else x.detach()
+
+
+def softmax_entropy(logits: Tensor) -> Tensor:
+    """Per-sample entropy ``-sum_k softmax(z)_k log softmax(z)_k`` in nats, shape ``(B,)``.
+
+    Helper for the evaluator (mean prediction entropy, seed 001), not a spec primitive.
+    """
+    logp = F.log_softmax(logits, dim=1)
+    return -(logp.exp() * logp).sum(dim=1)
+
+
+# ---------------------------------------------------------------------------------------- logits
+
+
+@_primitive(p="logits", y="labels", label_smoothing="number", constraints={"label_smoothing": _UNIT})
+def ce(p: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Cross-entropy with the labels: ``F.cross_entropy(p, y, label_smoothing=...)``, batch mean.
+
+    Use: ``ce(s, y)`` or ``ce(s, y, label_smoothing=0.1)``.
+    """
+    return F.cross_entropy(p, y, label_smoothing=label_smoothing)
+
+
+@_primitive(target="logits", p="logits", T="number", grad="bool", constraints={"T": _POSITIVE})
+def kl(target: Tensor, p: Tensor, T: float = 1.0, grad: bool = False) -> Tensor:
+    """``T^2 * KL(softmax(target/T) || softmax(p/T))``, summed over classes, mean over the batch.
+
+    The T^2 keeps gradient magnitudes comparable across temperatures (Hinton). The target is
+    detached unless ``grad=true`` (DML: each net mimics the other's current prediction).
+    Use: ``kl(t, s, T=4)`` - ``s`` learns to match ``t``.
+    """
+    t = _target(target, grad)
+    return F.kl_div(
+        F.log_softmax(p / T, dim=1), F.log_softmax(t / T, dim=1), reduction="batchmean", log_target=True
+    ) * (T * T)
+
+
+@_primitive(
+    teacher="logits",
+    student="logits",
+    y="labels",
+    T="number",
+    alpha="number",
+    constraints={"T": _POSITIVE, "alpha": _UNIT},
+)
+def kd(teacher: Tensor, student: Tensor, y: Tensor, T: float = 4.0, alpha: float = 0.9) -> Tensor:
+    """Hinton KD (seed 001): ``alpha * kl(teacher, student, T) + (1 - alpha) * ce(student, y)``.
+
+    ``kl`` includes the T^2 factor; the teacher is detached.
+    Use: ``kd(teacher.fc, student.fc, y, T=4, alpha=0.9)``.
+    """
+    return alpha * kl(teacher, student, T) + (1.0 - alpha) * ce(student, y)
+
+
+@_primitive(target="logits", p="logits", T="number", constraints={"T": _POSITIVE})
+def ce_soft(target: Tensor, p: Tensor, T: float = 1.0) -> Tensor:
+    """Soft-target cross-entropy ``-T^2 * sum_k softmax(target/T)_k log softmax(p/T)_k``, batch mean.
+
+    Born-Again's teacher loss (seed 004). Equals ``kl(target, p, T)`` plus the (constant)
+    target entropy times T^2, so it has the same gradient as ``kl``; the target is detached.
+    Use: ``ce_soft(gen1.fc, gen2.fc)``.
+    """
+    q = F.log_softmax(target.detach() / T, dim=1).exp()
+    return -(q * F.log_softmax(p / T, dim=1)).sum(dim=1).mean() * (T * T)
+
+
+@_primitive(p="logits")
+def entropy(p: Tensor) -> Tensor:
+    """Mean prediction entropy ``-sum_k softmax(p)_k log softmax(p)_k`` in nats (seed 001).
+
+    Also a regulariser: a positive weight penalises confident predictions, a negative weight
+    (entropy minimisation) rewards them. Use: ``entropy(s)`` or ``- 0.1 * entropy(s)``.
+    """
+    return softmax_entropy(p).mean()
+
+
+@_primitive(teacher="logits", p="logits", y="labels")
+def cwtm(teacher: Tensor, p: Tensor, y: Tensor) -> Tensor:
+    """Born-Again Confidence-Weighted by Teacher Max (seed 004).
+
+    ``w_s = max_k softmax(teacher)_s,k / sum_s' max_k softmax(teacher)_s',k`` (detached) and
+    loss ``= sum_s w_s * CE(p_s, y_s)``: the label loss, each sample weighted by the teacher's
+    confidence, the weights summing to 1 over the batch. Use: ``cwtm(teacher.fc, s, y)``.
+    """
+    conf = F.log_softmax(teacher.detach(), dim=1).exp().amax(dim=1)
+    w = conf / conf.sum()
+    return (w * F.cross_entropy(p, y, reduction="none")).sum()
+
+
+def _permute_non_argmax(q: Tensor) -> Tensor:
+    """Per row, keep the argmax entry and move the other entries by a uniform random permutation.
+
+    Branch-free: order the positions twice with the argmax forced first (key -1), once by index
+    and once by uniform random keys; the value at the j-th position of the first order is written
+    to the j-th position of the second, a uniform random bijection fixing the argmax. Uses the
+    global torch RNG (``torch.rand_like``): random per call, reproducible under ``torch.manual_seed``.
+    """
+    top = q.argmax(dim=1, keepdim=True)
+    first = torch.full_like(top, -1, dtype=q.dtype)
+    by_index = torch.ones_like(q).cumsum(dim=1).scatter(1, top, first).argsort(dim=1)
+    by_random = torch.rand_like(q).scatter(1, top, first).argsort(dim=1)
+    return torch.zeros_like(q).scatter(1, by_random, q.gather(1, by_index))
+
+
+@_primitive(teacher="logits", p="logits")
+def dkpp(teacher: Tensor, p: Tensor) -> Tensor:
+    """Born-Again Dark Knowledge with Permuted Predictions (seed 004).
+
+    ``q = softmax(teacher)`` (detached) with, per sample, every entry except the argmax
+    randomly permuted among the non-argmax positions (argmax position and value unchanged);
+    loss ``= -sum_k q_k log softmax(p)_k``, batch mean. Labels are not used (BAN trains DKPP
+    from the teacher outputs only). The permutation is drawn from the global torch RNG on every
+    call (no per-loss seed: a seeded ``torch.Generator`` is not traceable); it is reproducible
+    under the run's ``torch.manual_seed``. Use: ``dkpp(teacher.fc, s)``.
+    """
+    q = _permute_non_argmax(F.log_softmax(teacher.detach(), dim=1).exp())
+    return -(q * F.log_softmax(p, dim=1)).sum(dim=1).mean()
+
+
+def _binary_log_probs(z: Tensor, y: Tensor, gt: Tensor) -> Tensor:
+    """``log [P_g, sum_{k != g} P_k]`` of ``P = softmax(z)``, shape ``(B, 2)``, computed in log space."""
+    logp = F.log_softmax(z, dim=1)
+    rest = torch.logsumexp(logp.masked_fill(gt.bool(), -math.inf), dim=1)
+    return torch.stack([logp.gather(1, y.unsqueeze(1)).squeeze(1), rest], dim=1)
+
+
+@_primitive(
+    teacher="logits",
+    p="logits",
+    y="labels",
+    alpha="number",
+    beta="number",
+    T="number",
+    constraints={"T": _POSITIVE, "alpha": _NONNEG, "beta": _NONNEG},
+)
+def dkd(
+    teacher: Tensor, p: Tensor, y: Tensor, alpha: float = 1.0, beta: float = 8.0, T: float = 4.0
+) -> Tensor:
+    """Decoupled KD (Zhao et al. 2022, mdistiller ``dkd_loss``): ``alpha * TCKD + beta * NCKD``.
+
+    With ``g`` the label ``y``, ``P = softmax(z/T)`` for teacher (``P^t``) and student (``P^s``):
+    ``b = [P_g, 1 - P_g]`` (target vs. all non-target classes);
+    ``TCKD = T^2 * mean_batch KL(b^t || b^s)``;
+    ``Q = softmax(z/T - 1000 * onehot(g))`` (non-target classes renormalised);
+    ``NCKD = T^2 * mean_batch KL(Q^t || Q^s)``. The teacher is detached. mdistiller takes
+    ``log(b^s)`` of the probabilities; here it is computed in log space (same value, no log(0)).
+    mdistiller's warm-up ramp ``min(epoch / 20, 1)`` is not part of the loss: write it as a
+    weight schedule in the spec. Use: ``dkd(teacher.fc, s, y, alpha=1, beta=8, T=4)``.
+    """
+    t = teacher.detach()
+    gt = torch.zeros_like(p).scatter(1, y.unsqueeze(1), 1.0)
+    tckd = F.kl_div(
+        _binary_log_probs(p / T, y, gt),
+        _binary_log_probs(t / T, y, gt),
+        reduction="batchmean",
+        log_target=True,
+    )
+    logq_s = F.log_softmax(p / T - 1000.0 * gt, dim=1)
+    logq_t = F.log_softmax(t / T - 1000.0 * gt, dim=1)
+    nckd = F.kl_div(logq_s, logq_t, reduction="batchmean", log_target=True)
+    return (alpha * tckd + beta * nckd) * (T * T)
+
+
+# -------------------------------------------------------------------------------------- features
+
+
+@_primitive(a="features", b="features", grad="bool")
+def l2(a: Tensor, b: Tensor, grad: bool = True) -> Tensor:
+    """Squared L2 distance per sample, batch mean: ``mean_s ||flatten(a_s) - flatten(b_s)||^2``.
+
+    BYOT feature hint (seed 003) and XML adapter warm-up (seed 000). ``b`` is detached only
+    with ``grad=false``. Use: ``l2(s.layer1.hint, s.layer4, grad=false)``.
+    """
+    return (a - _target(b, grad)).pow(2).flatten(1).sum(dim=1).mean()
+
+
+@_primitive(a="features", b="features")
+def mse(a: Tensor, b: Tensor) -> Tensor:
+    """``F.mse_loss(a, b)``: elementwise mean of squared differences; nothing detached.
+
+    Use: ``mse(a.adapter, b.layer2)``.
+    """
+    return F.mse_loss(a, b)
+
+
+@_primitive(a="features", b="features")
+def l1(a: Tensor, b: Tensor) -> Tensor:
+    """``F.l1_loss(a, b)``: elementwise mean of absolute differences; nothing detached.
+
+    Use: ``l1(a.adapter, b.layer2)``.
+    """
+    return F.l1_loss(a, b)
+
+
+@_primitive(a="features", b="features")
+def cosine(a: Tensor, b: Tensor) -> Tensor:
+    """``1 - cos(flatten(a_s), flatten(b_s))``, batch mean; nothing detached.
+
+    Use: ``cosine(s.layer3, t.layer3)``.
+    """
+    return (1.0 - F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1)).mean()
+
+
+@_primitive(student_feat="features", teacher_feat="features")
+def hint(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """FitNets hint: ``F.mse_loss(student_feat, teacher_feat.detach())`` (elementwise mean).
+
+    The paper's ``0.5 * ||u - r||^2`` summed per sample differs only by a constant factor
+    (``numel / (2 B)``), absorbed by the spec's loss weight. Shapes must match: put an adapter
+    (regressor) on the student side. Use: ``hint(s.layer2.adapter, t.layer2)``.
+    """
+    return F.mse_loss(student_feat, teacher_feat.detach())
+
+
+@torch.fx.wrap
+def _common_spatial(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Average-pool both maps to the smaller spatial size; an fx leaf because it branches on shapes."""
+    if s.dim() != 4 or t.dim() != 4:
+        raise XdslError(
+            f"at() needs (B, C, H, W) feature maps, got shapes {tuple(s.shape)} and {tuple(t.shape)}",
+            hint="attention transfer works on conv feature maps, not on flat features or logits",
+        )
+    size = (min(s.shape[2], t.shape[2]), min(s.shape[3], t.shape[3]))
+    if tuple(s.shape[2:]) != size:
+        s = F.adaptive_avg_pool2d(s, size)
+    if tuple(t.shape[2:]) != size:
+        t = F.adaptive_avg_pool2d(t, size)
+    return s, t
+
+
+def _attention(f: Tensor, p: float) -> Tensor:
+    """Zagoruyko & Komodakis attention map: L2-normalised ``mean_c |f_c|^p`` per sample."""
+    return F.normalize(f.abs().pow(p).mean(dim=1).flatten(1), dim=1)
+
+
+@_primitive(student_feat="features", teacher_feat="features", p="number", constraints={"p": _POSITIVE})
+def at(student_feat: Tensor, teacher_feat: Tensor, p: float = 2.0) -> Tensor:
+    """Attention transfer (Zagoruyko & Komodakis 2017): ``mean((a(s) - a(t))^2)``.
+
+    ``a(f) = normalize(mean_c |f_c|^p flattened)`` (L2 per sample; ``|.|`` so odd/fractional p
+    work), teacher detached, mean over batch and spatial positions (as the reference code).
+    Channel counts may differ; if spatial sizes differ the larger map is average-pooled to the
+    smaller. Use: ``at(s.layer3, t.layer3, p=2)``.
+    """
+    s, t = _common_spatial(student_feat, teacher_feat.detach())
+    return (_attention(s, p) - _attention(t, p)).pow(2).mean()
