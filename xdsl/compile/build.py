@@ -124,8 +124,10 @@ def _local_module_file(module_name: str, spec_dir: Path | None) -> Path | None:
     if spec_dir is None:
         return None
     parts = module_name.split(".")
-    for candidate in (Path(spec_dir).joinpath(*parts[:-1], parts[-1] + ".py"),
-                      Path(spec_dir).joinpath(*parts, "__init__.py")):
+    for candidate in (
+        Path(spec_dir).joinpath(*parts[:-1], parts[-1] + ".py"),
+        Path(spec_dir).joinpath(*parts, "__init__.py"),
+    ):
         if candidate.is_file():
             return candidate
     return None
@@ -202,9 +204,7 @@ def _user_constructor(ref: str, spec_dir: Path | None, allow_imports: bool) -> C
     return obj
 
 
-def _constructor(
-    ref: str, kwargs: dict[str, Any], spec_dir: Path | None, allow_imports: bool
-) -> Callable[..., Any]:
+def _constructor(ref: str, kwargs: dict[str, Any], spec_dir: Path | None, allow_imports: bool) -> Callable[..., Any]:
     if ":" in ref:
         return _user_constructor(ref, spec_dir, allow_imports)
     check_model_ref(ref)
@@ -213,7 +213,7 @@ def _constructor(
     if "pretrained" in kwargs:
         raise XdslError(
             f"{ref}: 'pretrained' weights cannot be downloaded here",
-            hint="pass weights=\"path/to/state_dict.pt\", a file saved with torch.save(model.state_dict())",
+            hint='pass weights="path/to/state_dict.pt", a file saved with torch.save(model.state_dict())',
         )
     if ref.startswith("torchvision."):
         import torchvision
@@ -303,7 +303,7 @@ def _weights_file(ref: str, weights: Any, spec_dir: Path | None) -> Path:
         raise XdslError(
             f"{ref}: weights '{weights}' would need a download, which is impossible here",
             hint="download the checkpoint elsewhere, save its state_dict with torch.save, "
-            "and pass weights=\"path/to/file.pt\"",
+            'and pass weights="path/to/file.pt"',
         )
     where = " or ".join(str(c) for c in candidates)
     raise XdslError(f"{ref}: weights file not found: {where}")

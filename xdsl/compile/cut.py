@@ -73,17 +73,49 @@ def _tracer_for(model: nn.Module) -> fx.Tracer:
     return _Tracer(tuple(leaves), tuple(functions))
 
 
+def _defaults_after_first(model: nn.Module) -> dict[str, object]:
+    """forward's optional arguments after the input, fixed to their defaults (e.g. timm's attn_mask=None)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {
+        p.name: p.default
+        for p in params[1:]
+        if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
 def _trace_once(model: nn.Module) -> fx.GraphModule:
     tracer = _tracer_for(model)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_defaults_after_first(model) or None)
     except Exception as e:
         raise XdslError(
             f"cannot trace {type(model).__name__} with torch.fx: {type(e).__name__}: {e}",
             hint="cutting needs a forward without Python control flow on tensor values "
             "(see torch.fx's limitations); wrap such code in a leaf module",
         ) from e
+    _drop_specialized_inputs(graph)
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _drop_specialized_inputs(graph: fx.Graph) -> None:
+    """Remove inputs after the first whose only uses are fx's checks that they keep their default."""
+    for ph in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        closure: list[fx.Node] = []
+        todo = [ph]
+        while todo:
+            n = todo.pop()
+            if n not in closure:
+                closure.append(n)
+                todo.extend(n.users)
+        if any(n.op == "output" for n in closure):
+            continue
+        members = set(closure)
+        for n in reversed(list(graph.nodes)):
+            if n in members:
+                graph.erase_node(n)
 
 
 def trace_model(model: nn.Module) -> fx.GraphModule:
@@ -121,7 +153,8 @@ def _scopes(n: fx.Node) -> set[str]:
         scopes.add(value[0] if isinstance(value, tuple) else str(key))
     if n.op in ("call_module", "get_attr"):
         atoms = str(n.target).split(".")
-        scopes.update(".".join(atoms[:k]) for k in range(1, len(atoms) + 1))
+        last = len(atoms) + 1 if n.op == "call_module" else len(atoms)  # a parameter is not a module path
+        scopes.update(".".join(atoms[:k]) for k in range(1, last))
     return scopes
 
 
@@ -133,11 +166,16 @@ class _Graph:
     nodes: list[fx.Node] = field(init=False)
     index: dict[fx.Node, int] = field(init=False)
     last_use: dict[fx.Node, int] = field(init=False)
+    module_end: dict[str, int] = field(init=False)
 
     def __post_init__(self) -> None:
         self.nodes = list(self.gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.last_use = {n: max((self.index[u] for u in n.users), default=-1) for n in self.nodes}
+        self.module_end = {}
+        for i, n in enumerate(self.nodes):
+            for path in _scopes(n):
+                self.module_end[path] = i
 
     @property
     def inputs(self) -> list[fx.Node]:
@@ -154,17 +192,12 @@ class _Graph:
 
     def module_paths(self) -> list[str]:
         """Module paths (and every prefix) the graph runs, in graph order of their last node."""
-        last: dict[str, int] = {}
-        for i, n in enumerate(self.nodes):
-            for path in _scopes(n):
-                last[path] = i
-        return sorted(last, key=lambda p: (last[p], -p.count(".")))
+        return sorted(self.module_end, key=lambda p: (self.module_end[p], -p.count(".")))
 
     def position(self, point: str) -> int | None:
         """Index of the node a cut point names: the last node run inside a module path, else a node name."""
-        hits = [i for i, n in enumerate(self.nodes) if point in _scopes(n)]
-        if hits:
-            return max(hits)
+        if point in self.module_end:
+            return self.module_end[point]
         for i, n in enumerate(self.nodes):
             if n.name == point and n.op != "output":
                 return i
@@ -291,9 +324,7 @@ def _extract(g: _Graph, start: int, stop: int, name: str) -> fx.GraphModule:
     return fx.GraphModule(g.gm, graph, name)
 
 
-def cut_model(
-    model: nn.Module, points: Sequence[str], part_names: Sequence[str]
-) -> dict[str, nn.Module]:
+def cut_model(model: nn.Module, points: Sequence[str], part_names: Sequence[str]) -> dict[str, nn.Module]:
     """Split `model` after each cut point into len(points)+1 parts named `part_names`, in network order.
 
     A cut point is an fx module path (`layer2`: after the last node inside `layer2`) or an fx node
@@ -304,8 +335,7 @@ def cut_model(
     points, part_names = list(points), list(part_names)
     if len(part_names) != len(points) + 1:
         raise XdslError(
-            f"{len(points)} cut point(s) make {len(points) + 1} parts, "
-            f"but {len(part_names)} part names are given"
+            f"{len(points)} cut point(s) make {len(points) + 1} parts, but {len(part_names)} part names are given"
         )
     if len(set(part_names)) != len(part_names):
         dup = next(n for n in part_names if part_names.count(n) > 1)
@@ -315,9 +345,7 @@ def cut_model(
     g = _Graph(trace_model(model))
     used_inputs = [n for n in g.inputs if n.users]
     if len(used_inputs) != 1:
-        raise XdslError(
-            f"cannot cut {type(model).__name__}: its forward takes {len(used_inputs)} inputs, not one"
-        )
+        raise XdslError(f"cannot cut {type(model).__name__}: its forward takes {len(used_inputs)} inputs, not one")
 
     cuts: list[int] = []
     for k, point in enumerate(points):
@@ -348,12 +376,9 @@ def cut_model(
 
     bounds = [0] + [c + 1 for c in cuts] + [g.last_step + 1]
     cls = type(model).__name__
-    return {
-        name: _extract(g, bounds[k], bounds[k + 1] - 1, f"{cls}_{name}") for k, name in enumerate(part_names)
-    }
+    return {name: _extract(g, bounds[k], bounds[k + 1] - 1, f"{cls}_{name}") for k, name in enumerate(part_names)}
 
 
 def compose(parts: Sequence[nn.Module]) -> nn.Module:
     """The parts run one after another (a path `a >> b >> c`), as one module."""
     return nn.Sequential(*parts)
-

@@ -35,6 +35,7 @@ __all__ = [
     "evaluate_program",
     "checkpoint_snapshots",
     "natural_path",
+    "path_label",
     "xross_combinations",
     "path_params",
     "find_items",
@@ -44,8 +45,7 @@ __all__ = [
 SnapshotState = Callable[[str, int], Mapping[str, Tensor]]
 """`snapshot_state(net, epoch)` -> the state_dict of network `net` after epoch `epoch`."""
 
-_SNAPSHOT_HELP = ("snapshots (net@epoch) need the per-epoch checkpoints of a run: evaluate a run directory "
-                  "(`xdsl eval RUN_DIR`) or pass snapshot_state=")
+_SNAPSHOT_HELP = "snapshots need a run's per-epoch checkpoints: `xdsl eval RUN_DIR`"
 
 
 class _Unavailable(Exception):
@@ -168,11 +168,11 @@ class _Runner:
         key = (net, epoch)
         if key not in self.snapshots:
             if self.snapshot_state is None:
-                raise _Unavailable(f"{net}@{epoch}: {_SNAPSHOT_HELP}")
+                raise _Unavailable(f"n/a ({net}@{epoch}: {_SNAPSHOT_HELP})")
             try:
                 state = self.snapshot_state(net, epoch)
             except (OSError, KeyError, ValueError, RuntimeError) as e:
-                raise _Unavailable(f"{net}@{epoch}: no snapshot ({e})") from None
+                raise _Unavailable(f"n/a ({net}@{epoch}: no snapshot: {e})") from None
             parts = self.root.parts[net]
             # copy the network and its parts together so the copies still share parameters
             net_copy, parts_copy = copy.deepcopy((self.exp.networks[net], parts))
@@ -181,7 +181,8 @@ class _Runner:
             try:
                 target.load_state_dict(state)
             except RuntimeError as e:
-                raise _Unavailable(f"{net}@{epoch}: snapshot does not fit the network ({e})") from None
+                msg = str(e).splitlines()[0]
+                raise _Unavailable(f"n/a ({net}@{epoch}: snapshot does not fit the network: {msg})") from None
             parts_copy.eval()
             net_copy.eval()
             self.snapshots[key] = parts_copy
@@ -241,24 +242,25 @@ def _unique_params(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
 
 @dataclass
 class _Stats:
+    """Sums kept on the device (float64) so that a GPU pass never waits for the host until the end."""
+
     n: int = 0
-    correct: int = 0
-    loss: float = 0.0
-    entropy: float = 0.0
+    sums: Tensor | None = None   # [correct, CE loss, entropy]
 
     def add(self, logits: Tensor, y: Tensor) -> None:
         logits = logits.float()
         logp = F.log_softmax(logits, dim=1)
+        batch = torch.stack([(logits.argmax(dim=1) == y).sum().double(),
+                             F.nll_loss(logp, y, reduction="sum").double(),
+                             (-(logp.exp() * logp).sum()).double()])
+        self.sums = batch if self.sums is None else self.sums + batch
         self.n += int(y.numel())
-        self.correct += int((logits.argmax(dim=1) == y).sum())
-        self.loss += float(F.nll_loss(logp, y, reduction="sum"))
-        self.entropy += float(-(logp.exp() * logp).sum())
 
     def summary(self) -> dict[str, float | None]:
-        if not self.n:
+        if not self.n or self.sums is None:
             return {"accuracy": None, "loss": None, "entropy": None}
-        n = self.n
-        return {"accuracy": self.correct / n, "loss": self.loss / n, "entropy": self.entropy / n}
+        correct, loss, entropy = (float(v) for v in self.sums.cpu())
+        return {"accuracy": correct / self.n, "loss": loss / self.n, "entropy": entropy / self.n}
 
 
 @dataclass
@@ -272,6 +274,7 @@ class _Pass:
     stats: dict[str, _Stats] = field(default_factory=dict)
     ens_stats: dict[str, _Stats] = field(default_factory=dict)
     features: dict[str, list[Tensor]] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)            # path key -> why it has no stats
     num_samples: int = 0
     num_batches: int = 0
 
@@ -295,18 +298,20 @@ def _run_pass(runner: _Runner, loader: Iterable, device: torch.device, max_batch
         cache: dict[str, Tensor] = {}
         outputs: dict[str, Tensor] = {}
         for key, path in job.paths.items():
-            if key in runner.failed:
+            if key in runner.failed or key in job.problems:
+                job.problems.setdefault(key, runner.failed.get(key, ""))
                 continue
             try:
                 out = runner.forward(path, x, cache)
             except _Unavailable as e:
-                runner.failed[key] = str(e)
+                runner.failed[key] = job.problems[key] = str(e)
                 continue
             except RuntimeError as e:  # e.g. shapes that do not join and were not known in advance
-                runner.failed[key] = f"n/a ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                msg = f"n/a ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                runner.failed[key] = job.problems[key] = msg
                 continue
             if out.dim() != 2:
-                runner.failed[key] = f"n/a (output of shape {tuple(out.shape[1:])} is not logits)"
+                job.problems[key] = f"n/a (output of shape {tuple(out.shape[1:])} is not logits)"
                 continue
             outputs[key] = out
             job.stats[key].add(out, y)
@@ -321,7 +326,7 @@ def _run_pass(runner: _Runner, loader: Iterable, device: torch.device, max_batch
                 try:
                     job.features[key].append(runner.forward(path, x, cache).detach().cpu())
                 except (_Unavailable, RuntimeError) as e:
-                    runner.failed[key] = str(e)
+                    runner.failed[key] = f"n/a ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
         job.num_samples += int(y.numel())
         job.num_batches += 1
     return job
@@ -344,19 +349,27 @@ def _item_networks(exp: Any, item: ir.EvalItem) -> list[str]:
     return nets or list(exp.program.networks)
 
 
-def _title(item: ir.EvalItem, with_kwargs: bool = False) -> str:
-    args = [str(a) for a in item.args]
+def _title(item: ir.EvalItem, program: ir.Program, with_kwargs: bool = False) -> str:
+    args = [path_label(program, a) if isinstance(a, ir.Path) else str(a) for a in item.args]
     if with_kwargs:
         args += [f"{k}={v}" for k, v in item.kwargs.items()]
     return f"{item.kind}({', '.join(args)})" if args else item.kind
 
 
+def path_label(program: ir.Program, path: ir.Path) -> str:
+    """A network's own full chain reads as its name (`net1`, `net1@3`); any other path as its text."""
+    steps = path.steps
+    if steps and all(isinstance(s, ir.PartStep) for s in steps):
+        first: ir.PartStep = steps[0]  # type: ignore[assignment]
+        if path == natural_path(program, first.net, epoch=first.epoch):
+            return first.net if first.epoch is None else f"{first.net}@{first.epoch}"
+    return str(path)
+
+
 def _path_row(runner: _Runner, job: _Pass, path: ir.Path) -> dict[str, Any]:
     key = str(path)
-    row: dict[str, Any] = {"path": key}
-    problem = runner.check(path)
-    if problem is None and key in runner.failed:
-        problem = runner.failed[key]
+    row: dict[str, Any] = {"path": key, "label": path_label(runner.exp.program, path)}
+    problem = runner.check(path) or job.problems.get(key) or runner.failed.get(key)
     if problem is not None:
         return {**row, "accuracy": None, "loss": None, "entropy": None, "params": None, "status": problem}
     return {**row, **job.stats[key].summary(), "params": path_params(runner.modules(path)), "status": "ok"}
@@ -378,16 +391,18 @@ def _plan_items(exp: Any, runner: _Runner, items: Sequence[ir.EvalItem], job: _P
         if runner.check(path) is None:
             job.paths.setdefault(str(path), path)
 
+    program: ir.Program = exp.program
     for idx, item in enumerate(items):
         kind = item.kind
+        title = _title(item, program, with_kwargs=kind == "flatness")
         if kind in ("accuracy", "entropy"):
             paths = _item_paths(exp, item)
             for p in paths:
                 need(p)
 
-            def finish(job: _Pass, paths=paths, item=item) -> dict[str, Any]:
+            def finish(job: _Pass, paths=paths, item=item, title=title) -> dict[str, Any]:
                 rows = [_path_row(runner, job, p) for p in paths]
-                return {"kind": item.kind, "title": _title(item), "rows": rows}
+                return {"kind": item.kind, "title": title, "rows": rows}
 
             plans.append(_Plan(item, finish))
         elif kind == "ensemble":
@@ -398,9 +413,9 @@ def _plan_items(exp: Any, runner: _Runner, items: Sequence[ir.EvalItem], job: _P
             if all(runner.check(p) is None for p in paths):
                 job.ensembles[name] = [str(p) for p in paths]
 
-            def finish(job: _Pass, paths=paths, item=item, name=name) -> dict[str, Any]:
+            def finish(job: _Pass, paths=paths, item=item, name=name, title=title) -> dict[str, Any]:
                 members = [_path_row(runner, job, p) for p in paths]
-                out: dict[str, Any] = {"kind": "ensemble", "title": _title(item), "members": members}
+                out: dict[str, Any] = {"kind": "ensemble", "title": title, "members": members}
                 bad = [m for m in members if m["status"] != "ok"]
                 if bad or name not in job.ens_stats:
                     out.update(accuracy=None, loss=None, status=bad[0]["status"] if bad else "n/a")
@@ -415,8 +430,8 @@ def _plan_items(exp: Any, runner: _Runner, items: Sequence[ir.EvalItem], job: _P
             try:
                 part_names, combos = xross_combinations(exp, nets)
             except _Unavailable as e:
-                plans.append(_Plan(item, lambda job, item=item, e=e: {
-                    "kind": item.kind, "title": _title(item), "error": str(e), "rows": []}))
+                plans.append(_Plan(item, lambda job, item=item, e=e, title=title: {
+                    "kind": item.kind, "title": title, "error": str(e), "rows": []}))
                 continue
             for c in combos:
                 if c.path is not None:
@@ -425,7 +440,7 @@ def _plan_items(exp: Any, runner: _Runner, items: Sequence[ir.EvalItem], job: _P
                 ctx.setdefault("latency", []).append((idx, item, combos))
 
             def finish(job: _Pass, item=item, nets=nets, part_names=part_names, combos=combos,
-                       idx=idx) -> dict[str, Any]:
+                       idx=idx, title=title) -> dict[str, Any]:
                 rows = []
                 for c in combos:
                     if c.path is None:
@@ -438,7 +453,7 @@ def _plan_items(exp: Any, runner: _Runner, items: Sequence[ir.EvalItem], job: _P
                         row["latency_ms"] = ctx.get("timings", {}).get((idx, row["path"]))
                     rows.append(row)
                 archs = {n: exp.program.networks[_split_net(n)[0]].ref for n in nets}
-                out = {"kind": item.kind, "title": _title(item), "networks": nets, "parts": part_names,
+                out = {"kind": item.kind, "title": title, "networks": nets, "parts": part_names,
                        "architectures": archs, "rows": rows}
                 if item.kind == "latency":
                     out.update(repeats=int(item.kwargs.get("repeats", 10)), batch_size=ctx.get("batch_size"),
@@ -454,13 +469,14 @@ def _plan_items(exp: Any, runner: _Runner, items: Sequence[ir.EvalItem], job: _P
                     need(p)
             ctx.setdefault("flatness", []).append((idx, paths, sigmas, int(item.kwargs.get("draws", 3))))
 
-            def finish(job: _Pass, item=item, paths=paths, sigmas=sigmas, idx=idx) -> dict[str, Any]:
+            def finish(job: _Pass, item=item, paths=paths, sigmas=sigmas, idx=idx,
+                       title=title) -> dict[str, Any]:
                 rows = []
                 noisy = ctx.get("noisy", {})
                 for p in paths:
-                    problem = runner.check(p) or runner.failed.get(str(p))
+                    problem = runner.check(p) or job.problems.get(str(p)) or runner.failed.get(str(p))
                     for s in sigmas:
-                        row: dict[str, Any] = {"path": str(p), "sigma": s}
+                        row: dict[str, Any] = {"path": str(p), "label": path_label(program, p), "sigma": s}
                         if problem:
                             row.update(accuracy=None, loss=None, accuracy_std=None, status=problem)
                         elif s == 0.0:
@@ -471,8 +487,9 @@ def _plan_items(exp: Any, runner: _Runner, items: Sequence[ir.EvalItem], job: _P
                             row.update(noisy.get((idx, str(p), s), {"accuracy": None, "loss": None,
                                                                    "accuracy_std": None, "status": "n/a"}))
                         rows.append(row)
-                return {"kind": "flatness", "title": _title(item, with_kwargs=True), "sigmas": sigmas,
+                return {"kind": "flatness", "title": title, "sigmas": sigmas,
                         "draws": int(item.kwargs.get("draws", 3)), "paths": [str(p) for p in paths],
+                        "labels": [path_label(exp.program, p) for p in paths],
                         "rows": rows}
 
             plans.append(_Plan(item, finish))
@@ -491,7 +508,8 @@ def _plan_items(exp: Any, runner: _Runner, items: Sequence[ir.EvalItem], job: _P
                             job.capture.setdefault(str(p), p)
                     pairs.append((a, b, k, pa, pb))
 
-            def finish(job: _Pass, item=item, nets=nets, measure=measure, pairs=pairs) -> dict[str, Any]:
+            def finish(job: _Pass, item=item, nets=nets, measure=measure, pairs=pairs,
+                       title=title) -> dict[str, Any]:
                 from xdsl.mapping import channel_mapping, format_report
 
                 rows = []
@@ -515,14 +533,13 @@ def _plan_items(exp: Any, runner: _Runner, items: Sequence[ir.EvalItem], job: _P
                     if problem is not None:
                         row.update(status=problem)
                     rows.append(row)
-                return {"kind": "mapping", "title": _title(item), "networks": nets, "measure": measure,
+                return {"kind": "mapping", "title": title, "networks": nets, "measure": measure,
                         "rows": rows}
 
             plans.append(_Plan(item, finish))
         else:
-            plans.append(_Plan(item, lambda job, item=item: {
-                "kind": item.kind, "title": _title(item), "error": f"unknown evaluation '{item.kind}'",
-                "rows": []}))
+            plans.append(_Plan(item, lambda job, item=item, title=title: {
+                "kind": item.kind, "title": title, "error": f"unknown evaluation '{item.kind}'", "rows": []}))
     return plans
 
 
@@ -560,6 +577,7 @@ def _flatness(runner: _Runner, loader: Iterable, device: torch.device, max_batch
             continue
         acc: dict[str, list[float]] = {str(p): [] for p in ok}
         loss: dict[str, list[float]] = {str(p): [] for p in ok}
+        problems: dict[str, str] = {}
         for draw in range(max(1, draws)):
             for group in groups:
                 perturbed: list[tuple[nn.Parameter, Tensor]] = []
@@ -579,7 +597,9 @@ def _flatness(runner: _Runner, loader: Iterable, device: torch.device, max_batch
                         q.copy_(saved)
                 for p in group:
                     s = job.stats[str(p)].summary()
-                    if s["accuracy"] is not None:
+                    if str(p) in job.problems:
+                        problems[str(p)] = job.problems[str(p)]
+                    elif s["accuracy"] is not None:
                         acc[str(p)].append(s["accuracy"])
                         loss[str(p)].append(s["loss"])
         for p in ok:
@@ -590,7 +610,7 @@ def _flatness(runner: _Runner, loader: Iterable, device: torch.device, max_batch
                                         "status": "ok"}
             else:
                 out[(str(p), sigma)] = {"accuracy": None, "loss": None, "accuracy_std": None,
-                                        "status": runner.failed.get(str(p), "n/a (no batches)")}
+                                        "status": problems.get(str(p), "n/a (no batches)")}
     return out
 
 

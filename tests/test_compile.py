@@ -1,0 +1,211 @@
+"""Compiled objectives and training steps equal hand-written PyTorch of the same formulas."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xdsl
+from xdsl.errors import SpecError
+
+HEADER = """data synthetic(num_classes=10, shape=[1, 8, 8], train_size=64, test_size=32, batch_size=16)
+network net1, net2 = builtin.cnn(num_classes=10, in_channels=1, width=8)
+cut net1, net2 at "layer2" into up, down
+"""
+
+XML = HEADER + """
+loss xml(s, T) =
+    ( ce(s, y)
+    + mean(kl(t, s) for t in T)
+    + sum(kl(t, s.up >> t.down) for t in T)
+    + sum(kl(t, t.up >> s.down) for t in T)
+    + sum(ce(s.up >> t.down, y) for t in T)
+    + sum(ce(t.up >> s.down, y) for t in T)
+    ) / (2 * len(T))
+train xml {
+    minimize xml(s, peers(s)) wrt s for s in [net1, net2]
+    optimizer sgd(lr=0.1, momentum=0.9, nesterov=true, weight_decay=5e-4)
+    order ORDER
+}
+"""
+
+
+def _kl(t, s, T=1.0):
+    """KL(softmax(t/T) || softmax(s/T)) * T^2, batch mean, written out."""
+    p = torch.softmax(t.detach() / T, -1)
+    return (p * (torch.log(p) - torch.log_softmax(s / T, -1))).sum(-1).mean() * T * T
+
+
+def _write(tmp_path, text, name="spec.xspec"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+
+def _hand_xml(parts, s, t, x, y):
+    su, sd, tu, td = parts[s]["up"], parts[s]["down"], parts[t]["up"], parts[t]["down"]
+    s_logits, t_logits = sd(su(x)), td(tu(x))
+    s_up_t_down, t_up_s_down = td(su(x)), sd(tu(x))
+    total = (F.cross_entropy(s_logits, y) + _kl(t_logits, s_logits) + _kl(t_logits, s_up_t_down)
+             + _kl(t_logits, t_up_s_down) + F.cross_entropy(s_up_t_down, y) + F.cross_entropy(t_up_s_down, y))
+    return total / 2
+
+
+@pytest.fixture
+def xml_spec(tmp_path):
+    return lambda order="alternating": _write(tmp_path, XML.replace("ORDER", order), f"xml_{order}.xspec")
+
+
+def test_xml_objectives_match_hand_written_seed_formula(xml_spec):
+    torch.manual_seed(0)
+    exp = xdsl.load(xml_spec())
+    x, y = _batch()
+    got = exp.objectives(x, y)
+    for s, t in (("net1", "net2"), ("net2", "net1")):
+        torch.testing.assert_close(got[s], _hand_xml(exp.parts, s, t, x, y))
+
+
+def test_parts_share_parameters_and_compose_to_the_network(xml_spec):
+    exp = xdsl.load(xml_spec())
+    x, _ = _batch()
+    for net in ("net1", "net2"):
+        exp.networks[net].eval()
+        params = {id(p) for p in exp.networks[net].parameters()}
+        part_params = {id(p) for part in exp.parts[net].values() for p in part.parameters()}
+        assert params == part_params
+        torch.testing.assert_close(exp.forward(net, x), exp.networks[net](x))
+    torch.testing.assert_close(exp.forward("net1.up >> net2.down", x),
+                               exp.parts["net2"]["down"](exp.parts["net1"]["up"](x)))
+
+
+def test_alternating_step_is_dml_algorithm_1(xml_spec):
+    """net1 steps first; net2's objective then sees net1's updated weights."""
+    torch.manual_seed(0)
+    exp = xdsl.load(xml_spec("alternating"))
+    parts = copy.deepcopy(exp.parts)
+    x, y = _batch()
+    opts = {n: torch.optim.SGD([p for m in parts[n].values() for p in m.parameters()], lr=0.1, momentum=0.9,
+                               nesterov=True, weight_decay=5e-4) for n in ("net1", "net2")}
+    expected = {}
+    for s, t in (("net1", "net2"), ("net2", "net1")):
+        opts[s].zero_grad()
+        loss = _hand_xml(parts, s, t, x, y)
+        own = [p for m in parts[s].values() for p in m.parameters()]
+        grads = torch.autograd.grad(loss, own)
+        for p, g in zip(own, grads):
+            p.grad = g
+        opts[s].step()
+        expected[s] = loss.detach()
+    got = exp.train_step(x, y)
+    for net in ("net1", "net2"):
+        torch.testing.assert_close(got[net], expected[net])
+        for (name, a), b in zip(exp.networks[net].named_parameters(),
+                                [p for m in parts[net].values() for p in m.parameters()]):
+            torch.testing.assert_close(a, b, msg=name)
+
+
+def test_simultaneous_step_backpropagates_each_objective_into_its_own_network_only(xml_spec):
+    torch.manual_seed(0)
+    exp = xdsl.load(xml_spec("simultaneous"))
+    parts = copy.deepcopy(exp.parts)
+    x, y = _batch()
+    grads = {}
+    losses = {s: _hand_xml(parts, s, t, x, y) for s, t in (("net1", "net2"), ("net2", "net1"))}
+    for s in ("net1", "net2"):
+        own = [p for m in parts[s].values() for p in m.parameters()]
+        grads[s] = torch.autograd.grad(losses[s], own, retain_graph=True)
+    for s in ("net1", "net2"):
+        own = [p for m in parts[s].values() for p in m.parameters()]
+        opt = torch.optim.SGD(own, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        for p, g in zip(own, grads[s]):
+            p.grad = g
+        opt.step()
+    got = exp.train_step(x, y)
+    for net in ("net1", "net2"):
+        torch.testing.assert_close(got[net], losses[net].detach())
+        for a, b in zip(exp.networks[net].parameters(), [p for m in parts[net].values() for p in m.parameters()]):
+            torch.testing.assert_close(a, b)
+
+
+def test_teacher_forward_runs_without_autograd(xml_spec):
+    """Nodes that own nothing of the updated network are generated under no_grad."""
+    exp = xdsl.load(xml_spec("alternating"))
+    code = exp._single["net1"].module.code
+    no_grad_block = code.split("_set_grad_enabled(True)")[0]
+    assert "parts_net2_up" in no_grad_block.replace(".", "_")
+    assert "parts_net1" not in no_grad_block.replace(".", "_")
+
+
+def test_shared_sub_results_are_computed_once(xml_spec):
+    exp = xdsl.load(xml_spec("simultaneous"))
+    code = exp._joint.module.code
+    # 2 ups + 4 downs (own and crossed), each exactly once, for both objectives together
+    calls = [line for line in code.splitlines() if "= self.parts." in line]
+    assert len(calls) == 6, code
+
+
+def test_kd_with_frozen_teacher_matches_hinton(tmp_path):
+    spec = _write(tmp_path, HEADER + "kd(net1, net2, T=4.0, alpha=0.9, optimizer=adam(lr=1e-3))\n")
+    exp = xdsl.load(spec)
+    x, y = _batch()
+    assert list(exp.objectives(x, y)) == ["net2"]
+    t = exp.networks["net1"](x)
+    s = exp.networks["net2"](x)
+    expected = 0.9 * _kl(t, s, 4.0) + 0.1 * F.cross_entropy(s, y)
+    torch.testing.assert_close(exp.objectives(x, y)["net2"], expected)
+    before = [p.clone() for p in exp.networks["net1"].parameters()]
+    exp.train_step(x, y)
+    for a, b in zip(before, exp.networks["net1"].parameters()):
+        assert torch.equal(a, b)  # the teacher is frozen
+    assert not exp.networks["net1"].training
+
+
+def test_dml_ensemble_teacher_is_the_peers_averaged_prediction(tmp_path):
+    spec = _write(tmp_path, HEADER + "network net3 = builtin.cnn(num_classes=10, in_channels=1, width=8)\n"
+                  'dml(net1, net2, net3, teacher="ensemble")\n')
+    exp = xdsl.load(spec)
+    x, y = _batch()
+    logits = {n: exp.networks[n](x) for n in ("net1", "net2", "net3")}
+    p = (torch.softmax(logits["net2"], -1) + torch.softmax(logits["net3"], -1)) / 2
+    kl = (p * (p.log() - torch.log_softmax(logits["net1"], -1))).sum(-1).mean()
+    torch.testing.assert_close(exp.objectives(x, y)["net1"], 0.5 * F.cross_entropy(logits["net1"], y) + 0.5 * kl)
+
+
+def test_shape_mismatch_without_adapter_is_a_located_error(tmp_path):
+    text = """data synthetic(num_classes=10, shape=[1, 8, 8])
+network a = builtin.cnn(num_classes=10, in_channels=1, width=8)
+network b = builtin.cnn(num_classes=10, in_channels=1, width=16)
+cut a, b at "layer2" into up, down
+train { minimize ce(a.up >> b.down, y) wrt a }
+"""
+    with pytest.raises(SpecError) as info:
+        xdsl.load(_write(tmp_path, text))
+    assert info.value.pos.line == 5
+    assert "shape mismatch" in info.value.message and "a.up" in info.value.message
+    assert "adapter" in info.value.hint
+
+
+def test_adapter_channels_come_from_shapes(tmp_path):
+    text = """data synthetic(num_classes=10, shape=[1, 8, 8])
+network a = builtin.cnn(num_classes=10, in_channels=1, width=8)
+network b = builtin.cnn(num_classes=10, in_channels=1, width=16)
+cut a, b at "layer2" into up, down
+adapter ab = conv1x1(relu=true) owner a
+train { minimize ce(a.up >> ab >> b.down, y) wrt a }
+"""
+    exp = xdsl.load(_write(tmp_path, text))
+    x, y = _batch()
+    assert exp.forward("a.up >> ab >> b.down", x).shape == (16, 10)
+    owned = {id(p) for p in exp.owned_params("a")}
+    assert all(id(p) in owned for p in exp.adapters["ab"].parameters())
+    before = [p.clone() for p in exp.networks["b"].parameters()]
+    exp.train_step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(before, exp.networks["b"].parameters()))
