@@ -145,6 +145,7 @@ def run_cmd(spec: Path = SpecArg,
             sets: list[str] = typer.Option([], "--set", help="override a setting: data.batch_size=32, epochs=3"),
             allow_imports: bool = typer.Option(False, help="allow 'package.module:callable' models from anywhere"),
             nproc: int = typer.Option(0, "--nproc", help="launch N data-parallel processes with torchrun"),
+            threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: 1 for small models)"),
             ) -> None:
     """Train every train block of the spec, evaluate, and write metrics, checkpoints and plots."""
     from xdsl.train.runner import RunOptions, run
@@ -155,7 +156,8 @@ def run_cmd(spec: Path = SpecArg,
         raise typer.Exit(launch_torchrun(nproc, sys.argv))
     try:
         opts = RunOptions(out=out, resume=resume, epochs=epochs, seeds=seeds, seed=seed, device=device,
-                          compile=compile_, amp=amp, overrides=_parse_sets(sets), allow_imports=allow_imports)
+                          compile=compile_, amp=amp, overrides=_parse_sets(sets), allow_imports=allow_imports,
+                          threads=threads)
         run(spec, opts)
     except XdslError as e:
         _fail(e)

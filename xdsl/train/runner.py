@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -52,6 +53,7 @@ class RunOptions:
     quiet: bool = False
     log_every: int = 20                  # steps between host syncs for NaN checks and progress text
     stop_after_steps: int | None = None  # testing: raise KeyboardInterrupt after this many steps
+    threads: int | None = None           # CPU threads; None: 1 for small models, else all cores
     rank: int = 0
     world_size: int = 1
 
@@ -305,6 +307,7 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
         overrides["epochs"] = str(opts.epochs)
     compiled = compile_program(spec, device=device, allow_imports=opts.allow_imports, overrides=overrides)
     program = compiled.program
+    _set_threads(opts.threads, compiled, device)
     use_compile = opts.compile if opts.compile is not None else device.type == "cuda"
     exp = Experiment(compiled, compile_mode="default" if use_compile else None,
                      amp=_amp_dtype(opts.amp, device), channels_last=device.type == "cuda")
@@ -337,6 +340,19 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
     (out / "results.json").write_text(json.dumps(results, indent=2))
     _plots(out, logger.rows, results)
     return results
+
+
+SMALL_MODEL_PARAMS = 5_000_000  # below this, one CPU thread beats several (op overheads dominate)
+
+
+def _set_threads(threads: int | None, compiled, device: torch.device) -> None:
+    """CPU intra-op threads: tiny convolutions run fastest single-threaded, big ones use every core."""
+    if device.type != "cpu":
+        return
+    if threads is None:
+        params = sum(p.numel() for p in compiled.root.parameters())
+        threads = 1 if params < SMALL_MODEL_PARAMS else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, threads))
 
 
 def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -1,0 +1,83 @@
+"""The table `xdsl run` ends with: one row per train block, one column per network / cross path / ensemble.
+
+With `--seeds N` every cell is mean +/- std over the seeds. The full per-block tables (the seed's
+Xross format, flatness, mapping...) are printed before it and kept in results.json.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+__all__ = ["summary_rows", "print_run_summary"]
+
+
+def _columns(stage_result: dict[str, Any]) -> dict[str, float | None]:
+    """Accuracy per column of one block's evaluation: networks, then cross paths, then ensembles."""
+    cols: dict[str, float | None] = {}
+    for item in stage_result["evaluate"].get("items", []):
+        kind = item.get("kind")
+        if kind == "accuracy":
+            for r in item.get("rows", []):
+                cols[r.get("label") or r["path"]] = r.get("accuracy")
+        elif kind == "xross":
+            for r in item.get("rows", []):
+                if len(set(r.get("networks", []))) > 1:
+                    cols[">>".join(r["networks"])] = r.get("accuracy")
+        elif kind == "ensemble":
+            names = [m.get("label") or m["path"] for m in item.get("members", [])]
+            cols["ensemble" if len(names) == len(stage_result.get("best", names)) else
+                 f"ens({','.join(names)})"] = item.get("accuracy")
+    for net, best in stage_result.get("best", {}).items():
+        cols[f"{net} best"] = best.get("acc")
+    return cols
+
+
+def summary_rows(all_results: list[dict[str, Any]]) -> tuple[list[str], dict[str, dict[str, list[float]]]]:
+    """Column names and, per block and column, the values over seeds."""
+    columns: list[str] = []
+    values: dict[str, dict[str, list[float]]] = {}
+    for result in all_results:
+        for stage, r in result["stages"].items():
+            for col, v in _columns(r).items():
+                if col not in columns:
+                    columns.append(col)
+                if v is not None:
+                    values.setdefault(stage, {}).setdefault(col, []).append(v)
+    # best-epoch columns last
+    columns = [c for c in columns if not c.endswith(" best")] + [c for c in columns if c.endswith(" best")]
+    return columns, values
+
+
+def _cell(vals: list[float] | None) -> str:
+    if not vals:
+        return "-"
+    if len(vals) == 1:
+        return f"{100 * vals[0]:.2f}"
+    return f"{100 * statistics.mean(vals):.2f} ± {100 * statistics.stdev(vals):.2f}"
+
+
+def print_run_summary(all_results: list[dict[str, Any]], quiet: bool = False) -> dict[str, Any]:
+    """Print every block's detailed tables, then the comparison table; return it as a dict."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from xdsl.eval.tables import render_results
+
+    console = Console(quiet=quiet, width=max(100, Console().width))
+    if len(all_results) == 1:
+        for stage, r in all_results[0]["stages"].items():
+            console.rule(f"[bold]{stage}")
+            for table in render_results(r["evaluate"]):
+                console.print(table)
+    columns, values = summary_rows(all_results)
+    n = len(all_results)
+    table = Table(title="results: top-1 test accuracy (%)" + (f", mean ± std over {n} seeds" if n > 1 else "")
+                  + "; last epoch, 'best' = best epoch")
+    table.add_column("train block", no_wrap=True)
+    for c in columns:
+        table.add_column(c, justify="right", no_wrap=True)
+    for stage in values:
+        table.add_row(stage, *[_cell(values[stage].get(c)) for c in columns])
+    console.print(table)
+    return {"columns": columns, "rows": {stage: {c: values[stage].get(c, []) for c in columns} for stage in values}}
