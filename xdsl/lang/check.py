@@ -42,6 +42,7 @@ SETTINGS: dict[str, tuple[str, Any]] = {
     "grad_clip": ("number>0", None),
     "max_steps": ("int>=1", None),      # cap on optimisation steps per epoch (quick runs)
     "eval_every": ("int>=1", 1),        # evaluate every N epochs
+    "map_channels": ("measure", None),  # align channels at the cut first (seed 000 XML_m): bmm_std, ...
 }
 # evaluate items: name -> (what the positional arguments are, accepted keywords and defaults)
 EVALUATIONS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -305,6 +306,9 @@ class _Checker:
                 self.errors.append(e)
         if not s.minimizes:
             self.error("a train block needs at least one 'minimize ... wrt ...'", s.pos)
+        if settings.get("map_channels") and len([n for n in objectives if n in self.cuts]) < 2:
+            pos = next(st.pos for st in s.settings if st.key == "map_channels")
+            self.error("map_channels needs two or more cut networks minimised in this train block", pos)
         optimizer = settings.pop("optimizer") or ir.OptimizerDecl("adam", dict(OPTIMIZERS["adam"]), s.pos)
         self.stages.append(ir.Stage(
             name, s.after, objectives, optimizer, settings.pop("epochs"), settings.pop("order"),
@@ -347,6 +351,14 @@ class _Checker:
                     raise SpecError(f"{key} must be a number > 0, got {kwargs[key]!r}",
                                     _kwpos(call.kwargs, key) or call.pos)
             return ir.OptimizerDecl(call.func, kwargs, call.pos)
+        if kind == "measure":
+            from xdsl.mapping import MEASURES
+
+            if not isinstance(st.value, ast.Name) or st.value.id not in MEASURES:
+                got = st.value.id if isinstance(st.value, ast.Name) else "a value"
+                raise SpecError(f"map_channels takes a measure, got '{got}'", st.value.pos,
+                                _hint(got, MEASURES, f"measures: {', '.join(MEASURES)}"))
+            return st.value.id
         if kind == "order":
             if not isinstance(st.value, ast.Name):
                 raise SpecError(f"order is one of {', '.join(ORDERS)}", st.value.pos)

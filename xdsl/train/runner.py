@@ -29,6 +29,7 @@ import torch
 
 from xdsl.errors import SpecError, XdslError
 from xdsl.lang import ir
+from xdsl.train.channel_init import map_channels
 from xdsl.train.checkpoint import load_checkpoint, load_latest, rng_state, save_atomic, set_rng_state
 
 __all__ = ["RunOptions", "run", "run_one", "evaluate_checkpoint", "NonFiniteLoss"]
@@ -175,7 +176,7 @@ def _check_finite(exp, losses: dict[str, torch.Tensor], stage: ir.Stage, epoch: 
 
 
 def _train_stage(exp, stage: ir.Stage, bundle, out: Path, logger: _Logger, opts: RunOptions, seed: int,
-                 device: torch.device, initial_state: dict[str, Any]) -> dict[str, Any]:
+                 device: torch.device, initial_state: dict[str, Any], snapshots: bool) -> dict[str, Any]:
     """Train one block (resuming if a checkpoint exists); return its per-network best/last accuracies."""
     ckpt_dir = out / "checkpoints" / stage.name
     last_path = ckpt_dir / "last.pt"
@@ -187,10 +188,19 @@ def _train_stage(exp, stage: ir.Stage, bundle, out: Path, logger: _Logger, opts:
         root.load_state_dict(after["modules"])
     else:
         root.load_state_dict(initial_state)
+    state = load_latest(last_path, device, warn=logger.console.print) if opts.resume else None
+    measure = stage.settings.get("map_channels")
+    mapping: list[dict[str, Any]] = []
+    if measure and state is None:
+        x, _ = next(iter(bundle.train_loader(epoch_seed=seed * 100_003)))
+        mapping = map_channels(exp, stage, x.to(device), measure)
+        for report in mapping:
+            logger.console.print(f"map_channels {report['network']} -> {report['reference']}: {report['text']}")
+        (ckpt_dir).mkdir(parents=True, exist_ok=True)
+        (ckpt_dir / "mapping.json").write_text(json.dumps(mapping, indent=2))
     exp.use_stage(stage.name)
 
     start_epoch, skip_batches, best = 0, 0, {}
-    state = load_latest(last_path, device, warn=logger.console.print) if opts.resume else None
     if state is not None:
         if state.get("done") and final_path.exists():
             root.load_state_dict(load_checkpoint(final_path, device)["modules"])
@@ -288,6 +298,9 @@ def _train_stage(exp, stage: ir.Stage, bundle, out: Path, logger: _Logger, opts:
                 + ("  |  " + "  ".join(f"{n} acc {100 * a:.2f}%" for n, a in acc.items()) if acc else "")
                 + f"  ({seconds:.1f}s)")
             save(epoch + 1, 0)
+            if snapshots:
+                save_atomic({"modules": {"parts": root.parts.state_dict(), "adapters": root.adapters.state_dict()},
+                             "epoch": epoch + 1}, ckpt_dir / f"epoch{epoch + 1}.pt")
     save_atomic({"modules": root.state_dict(), "stage": stage.name}, final_path)
     save(stage.epochs, 0, done=True)
     return best
@@ -296,7 +309,7 @@ def _train_stage(exp, stage: ir.Stage, bundle, out: Path, logger: _Logger, opts:
 def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any]:
     """One seed: every train block, then its evaluation. Returns the results written to results.json."""
     from xdsl.data import build_data
-    from xdsl.eval.evaluate import evaluate_items
+    from xdsl.eval.evaluate import checkpoint_snapshots, evaluate_items
     from xdsl.experiment import Experiment, compile_program
     from xdsl.lang.format import format_spec
 
@@ -322,14 +335,16 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
     (out / "spec.xspec").write_text(format_spec(program.spec))
     logger = _Logger(out, opts.quiet, opts.resume)
     initial_state = _module_state(exp)
+    snapshots = _uses_snapshots(program)
     results: dict[str, Any] = {"spec": str(spec), "seed": seed, "device": str(device), "stages": {}}
     try:
         for stage in program.stages:
-            best = _train_stage(exp, stage, bundle, out, logger, opts, seed, device, initial_state)
+            best = _train_stage(exp, stage, bundle, out, logger, opts, seed, device, initial_state, snapshots)
             exp.use_stage(stage.name)
             items = program.evaluate or [ir.EvalItem("accuracy", (), {}, stage.pos)]
             with exp.autocast():
-                evaluation = evaluate_items(exp, bundle.test_loader(), items, device=device)
+                evaluation = evaluate_items(exp, bundle.test_loader(), items, device=device,
+                                            snapshot_state=checkpoint_snapshots(out, stage.name) if snapshots else None)
             results["stages"][stage.name] = {"best": best, "evaluate": evaluation}
         if not program.stages:  # evaluate the networks as built (or as loaded with `weights`)
             items = program.evaluate or [ir.EvalItem("accuracy", (), {}, None)]
@@ -340,6 +355,17 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
     (out / "results.json").write_text(json.dumps(results, indent=2))
     _plots(out, logger.rows, results)
     return results
+
+
+def _uses_snapshots(program: ir.Program) -> bool:
+    """Whether `evaluate` mentions `net@epoch`: then every epoch's weights are kept."""
+    for item in program.evaluate:
+        for arg in item.args:
+            if isinstance(arg, str) and "@" in arg:
+                return True
+            if isinstance(arg, ir.Path) and any(getattr(s, "epoch", None) is not None for s in arg.steps):
+                return True
+    return False
 
 
 SMALL_MODEL_PARAMS = 5_000_000  # below this, one CPU thread beats several (op overheads dominate)
