@@ -146,6 +146,7 @@ def run_cmd(spec: Path = SpecArg,
             allow_imports: bool = typer.Option(False, help="allow 'package.module:callable' models from anywhere"),
             nproc: int = typer.Option(0, "--nproc", help="launch N data-parallel processes with torchrun"),
             threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: 1 for small models)"),
+            quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or tables"),
             ) -> None:
     """Train every train block of the spec, evaluate, and write metrics, checkpoints and plots."""
     from xdsl.train.runner import RunOptions, run
@@ -157,7 +158,7 @@ def run_cmd(spec: Path = SpecArg,
     try:
         opts = RunOptions(out=out, resume=resume, epochs=epochs, seeds=seeds, seed=seed, device=device,
                           compile=compile_, amp=amp, overrides=_parse_sets(sets), allow_imports=allow_imports,
-                          threads=threads)
+                          threads=threads, quiet=quiet)
         run(spec, opts)
     except XdslError as e:
         _fail(e)

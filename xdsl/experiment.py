@@ -107,11 +107,21 @@ class Experiment:
             self._joint = self._compile(lower(self.graph, root, stage, stage.trained, trainable))
             self._single = {}
         else:
-            self._single = {net: self._compile(lower(self.graph, root, stage, (net,), trainable))
+            self._single = {net: self._compile(self._distribute(lower(self.graph, root, stage, (net,), trainable),
+                                                                net))
                             for net in stage.trained}
             self._joint = None
         self._all = lower(self.graph, root, stage, stage.trained, trainable)
         self.step_count = 0
+
+    def _distribute(self, lowered: Lowered, net: str) -> Lowered:
+        """Under torchrun: DDP over the objective, synchronising only `net`'s own parameters."""
+        from xdsl.train.distributed import is_distributed, wrap_objective
+
+        if not is_distributed():
+            return lowered
+        ddp = wrap_objective(lowered.module, self.params[net], self.device)
+        return Lowered(ddp, lowered.networks, lowered.terms)  # type: ignore[arg-type]
 
     def _compile(self, lowered: Lowered) -> Lowered:
         if self.compile_mode is None:
@@ -181,7 +191,11 @@ class Experiment:
                 self.optimizers[net].zero_grad(set_to_none=True)
                 loss.backward(inputs=self.params[net], retain_graph=i < last)
                 out[net] = loss.detach()
+            from xdsl.train.distributed import all_reduce_grads, is_distributed
+
             for net in self._joint.networks:
+                if is_distributed():
+                    all_reduce_grads(self.params[net])
                 self._step(net, clip)
         else:
             for net in self.update_order():

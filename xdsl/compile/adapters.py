@@ -4,7 +4,8 @@ A spec names only the kind and its options (`adapter a12 = conv1x1(relu=true)`);
 from the shapes on both ends of the edge (`in_shape`: what the previous part gives, `out_shape`: what
 the next part expects), so the same spec line fits ResNet-18 (128 channels) to ResNeXt-50 (512).
 Conv adapters also bridge an integer spatial downsampling (56x56 -> 28x28) with a strided conv;
-anything else is an error naming both shapes. `head` is a BYOT auxiliary classifier.
+anything else is an error naming both shapes. `head` is a BYOT auxiliary classifier; `bottleneck` and
+`classifier` are its two halves, so that its features can be a path of their own.
 """
 
 from __future__ import annotations
@@ -164,8 +165,68 @@ def head(
         raise XdslError("adapter head: reduction and stride must be positive")
     cin = in_shape[1]
     cout = out_channels if out_channels is not None else cin
+    pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+    return nn.Sequential(OrderedDict(bottleneck=_bottleneck_convs(cin, cout, reduction, stride), pool=pool,
+                                     fc=nn.Linear(cout, n)))
+
+
+@ADAPTERS.register("bottleneck")
+def bottleneck(
+    in_shape: Shape,
+    out_shape: Shape | None,
+    n_classes: int | None,
+    *,
+    reduction: int = 4,
+    out_channels: int | None = None,
+    stride: int = 1,
+) -> nn.Module:
+    """A head's feature half (BYOT): the head's bottleneck convs, then average pooling to what follows.
+
+    `net.p1 >> b1 >> c1` with `c1 = classifier()` is a `head` whose features `net.p1 >> b1` are a path of
+    their own, so BYOT's L2 hint `l2(net.p1 >> b1, net.p3)` and the head's logits share one computation.
+    Channels and size come from what follows (the hint's other side): a flat (B, D) target gives D channels,
+    globally pooled; a (B, C, H, W) target gives C channels pooled to H x W. With nothing to match, the
+    output is `out_channels` (default: the input's) channels, globally pooled.
+    """
+    if len(in_shape) != 4:
+        raise XdslError(f"adapter bottleneck takes (B, C, H, W) feature maps, got {_fmt(in_shape)}")
+    if reduction < 1 or stride < 1:
+        raise XdslError("adapter bottleneck: reduction and stride must be positive")
+    target = out_shape if out_shape is not None and len(out_shape) in (2, 4) else None
+    if out_shape is not None and target is None:
+        raise XdslError(f"adapter bottleneck maps to (B, D) or (B, C, H, W) features, not to {_fmt(out_shape)}")
+    cout = target[1] if target is not None else (out_channels if out_channels is not None else in_shape[1])
+    if out_channels is not None and out_channels != cout:
+        raise XdslError(f"adapter bottleneck: out_channels={out_channels}, but what follows has {cout} channels")
+    layers: list[nn.Module] = [_bottleneck_convs(in_shape[1], cout, reduction, stride)]
+    if target is not None and len(target) == 4:
+        layers.append(nn.AdaptiveAvgPool2d(tuple(target[2:])))
+    else:
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
+    return nn.Sequential(*layers)
+
+
+@ADAPTERS.register("classifier")
+def classifier(
+    in_shape: Shape, out_shape: Shape | None, n_classes: int | None, *, num_classes: int | None = None
+) -> nn.Module:
+    """A head's classifier half: global average pooling (of (B, C, H, W) maps) and a linear layer to logits."""
+    n = num_classes if num_classes is not None else n_classes
+    if n is None and out_shape is not None and len(out_shape) == 2:
+        n = out_shape[1]
+    if n is None:
+        raise XdslError("adapter classifier needs the number of classes", hint="pass classifier(num_classes=N)")
+    if len(in_shape) == 4:
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(in_shape[1], n))
+    if len(in_shape) == 2:
+        return nn.Sequential(nn.Linear(in_shape[1], n))
+    raise XdslError(f"adapter classifier takes (B, C, H, W) or (B, D) features, got {_fmt(in_shape)}")
+
+
+def _bottleneck_convs(cin: int, cout: int, reduction: int, stride: int) -> nn.Sequential:
+    """BYOT's bottleneck: 1x1 reduce to cout / reduction, 3x3 (stride), 1x1 expand to cout; BN + ReLU each."""
     mid = max(1, cout // reduction)
-    bottleneck = nn.Sequential(
+    return nn.Sequential(
         nn.Conv2d(cin, mid, 1, bias=False),
         nn.BatchNorm2d(mid),
         nn.ReLU(inplace=True),
@@ -176,8 +237,6 @@ def head(
         nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
     )
-    pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-    return nn.Sequential(OrderedDict(bottleneck=bottleneck, pool=pool, fc=nn.Linear(cout, n)))
 
 
 def adapter_params(kind: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from xdsl.compile.build import build_model, load_weights
 from xdsl.compile.cut import cut_model
 from xdsl.compile.graph import build_graph, path_node
 from xdsl.compile.shapes import infer_shapes
+from xdsl.data.params import resolve_spec_path
 from xdsl.errors import SpecError, XdslError
 from xdsl.lang import ir
 from xdsl.lang.check import WHOLE
@@ -74,9 +75,8 @@ def _build_networks(program: ir.Program, device: str, spec_dir: Path | None,
         try:
             model = build_model(decl.ref, decl.kwargs, device=device, spec_dir=spec_dir, allow_imports=allow_imports)
             if decl.weights:
-                weights = Path(decl.weights)
-                if not weights.is_absolute() and spec_dir is not None:
-                    weights = spec_dir / weights
+                weights = resolve_spec_path(decl.weights, spec_dir, "weights file") if spec_dir is not None \
+                    else Path(decl.weights)
                 if not weights.exists():
                     raise XdslError(f"weights file '{weights}' does not exist",
                                     hint="train the teacher first (it is saved as <run>/final.pt) or fix the path")
@@ -111,12 +111,24 @@ def _natural_path(program: ir.Program, net: str, upto: int | None = None) -> ir.
     return ir.Path(tuple(ir.PartStep(net, names[i], i) for i in range(last)))
 
 
-def _use_pos(g: nx.DiGraph, node: str):
-    """Where in the spec a path is used (the first loss term or evaluation reaching it)."""
+def _use_pos(g: nx.DiGraph, node: str, program: ir.Program | None = None):
+    """Where in the spec a path is used: the first loss term reaching it, else the evaluate item
+    naming it, else the declaration of its last network or adapter (so every error is located)."""
     for succ in nx.descendants(g, node):
         prim = g.nodes[succ].get("prim")
         if prim is not None:
             return prim.pos
+    if program is None:
+        return None
+    path, step = g.nodes[node].get("path"), g.nodes[node].get("step")
+    for item in program.evaluate:
+        for arg in item.args:
+            if isinstance(arg, ir.Path) and path is not None and arg.steps[: len(path.steps)] == path.steps:
+                return item.pos
+    if isinstance(step, ir.AdapterStep) and step.name in program.adapters:
+        return program.adapters[step.name].pos
+    if isinstance(step, ir.PartStep) and step.net in program.networks:
+        return program.networks[step.net].pos
     return None
 
 
@@ -174,7 +186,7 @@ def assemble(program: ir.Program, *, device: str | torch.device = "cpu", spec_di
                     raise SpecError(
                         f"shape mismatch in path {data['path']}: {data['path'].prefix(len(data['path'].steps) - 1)} "
                         f"gives {tuple(in_shape)}, but {step} expects {tuple(expected)}",
-                        _use_pos(graph, node),
+                        _use_pos(graph, node, program),
                         f"put an adapter between them, e.g. `adapter a = conv1x1(relu=true) owner {step.net}`")
         else:
             decl = program.adapters[step.name]
@@ -189,16 +201,16 @@ def assemble(program: ir.Program, *, device: str | torch.device = "cpu", spec_di
         try:
             (out_shape,) = infer_shapes([module], torch.empty(in_shape, device="meta"))
         except XdslError as e:
-            raise SpecError(f"{data['path']}: {e.message}", _use_pos(graph, node), e.hint) from None
+            raise SpecError(f"{data['path']}: {e.message}", _use_pos(graph, node, program), e.hint) from None
         except Exception as e:  # a part that cannot take this input at all
             raise SpecError(f"{data['path']}: {step} cannot take an input of shape {tuple(in_shape)} "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-                            _use_pos(graph, node) or program.networks[data['owner']].pos) from None
+                            _use_pos(graph, node, program) or program.networks[data['owner']].pos) from None
         if isinstance(step, ir.AdapterStep):
             seen = adapter_io.setdefault(step.name, (in_shape, out_shape))
             if tuple(seen[0]) != tuple(in_shape):
                 raise SpecError(f"adapter '{step.name}' is used on inputs of shapes {tuple(seen[0])} and "
-                                f"{tuple(in_shape)}; an adapter has one shape", _use_pos(graph, node))
+                                f"{tuple(in_shape)}; an adapter has one shape", _use_pos(graph, node, program))
         shapes[node] = out_shape
         data["shape"] = tuple(out_shape)
         data["params"] = sum(p.numel() for p in module.parameters())

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from xdsl.data.params import resolve_spec_path
 from xdsl.errors import XdslError
 from xdsl.models import MODELS
 from xdsl.registry import did_you_mean
@@ -295,6 +296,8 @@ def _weights_file(ref: str, weights: Any, spec_dir: Path | None) -> Path:
     if not isinstance(weights, (str, Path)):
         raise XdslError(f"{ref}: weights must be a file path string, got {weights!r}")
     path = Path(weights).expanduser()
+    if spec_dir is not None:
+        resolve_spec_path(path, spec_dir, f"{ref}: weights")  # no `..` out of the spec's directory
     candidates = [path] if path.is_absolute() else [path] + ([Path(spec_dir) / path] if spec_dir else [])
     for candidate in candidates:
         if candidate.is_file():

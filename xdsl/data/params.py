@@ -11,7 +11,7 @@ from typing import Any
 
 from xdsl.errors import XdslError
 
-__all__ = ["BuildContext", "DataParamError", "check_kwargs", "require"]
+__all__ = ["BuildContext", "DataParamError", "check_kwargs", "require", "resolve_spec_path"]
 
 
 class DataParamError(XdslError):
@@ -21,6 +21,28 @@ class DataParamError(XdslError):
         super().__init__(message, hint)
         self.dataset = dataset
         self.key = key
+
+
+def resolve_spec_path(path: str | os.PathLike, spec_dir: Path | None, what: str = "path") -> Path:
+    """A path written in a spec: absolute as given, relative to the spec's directory (else the CWD).
+
+    A relative path may not climb out of the spec's directory with `..` (checked on the text, so a
+    symlink inside the directory may still point anywhere): a spec copied from elsewhere cannot
+    reach files next to it by accident or by design. Outside files need an absolute path.
+    """
+    given = Path(path).expanduser()
+    if given.is_absolute():
+        return given
+    if spec_dir is None:
+        return Path.cwd() / given
+    normal = os.path.normpath(given)
+    if normal == os.pardir or normal.startswith(os.pardir + os.sep):
+        raise XdslError(
+            f"{what} '{os.fspath(path)}' points outside the spec's directory",
+            hint="relative paths in a spec stay inside its directory; write an absolute path "
+            f"(e.g. '{Path(spec_dir).joinpath(given).resolve()}') to use a file elsewhere",
+        )
+    return Path(spec_dir) / normal
 
 
 @dataclass(frozen=True)
@@ -33,12 +55,14 @@ class BuildContext:
     device_is_cuda: bool = False
 
     def resolve(self, root: str | os.PathLike) -> Path:
-        """Resolve a relative `root` against the spec's directory (else the CWD), as the docs promise."""
-        path = Path(root).expanduser()
-        if not path.is_absolute():
-            base = Path(self.spec_dir) if self.spec_dir is not None else Path.cwd()
-            path = base / path
-        return path.resolve()
+        """Resolve a relative `root` against the spec's directory (else the CWD), as the docs promise;
+        `..` out of the spec's directory is refused (see `resolve_spec_path`)."""
+        try:
+            return resolve_spec_path(root, self.spec_dir, f"dataset '{self.name}': root").resolve()
+        except DataParamError:
+            raise
+        except XdslError as e:
+            raise DataParamError(e.message, dataset=self.name, key="root", hint=e.hint) from None
 
     def where(self, root: str | os.PathLike) -> str:
         """A note explaining how a relative root was resolved (empty for absolute roots)."""

@@ -3,6 +3,16 @@
 A macro is a function from its call to spec text; the text is parsed like any spec, so
 `xdsl expand` output is itself a valid spec. Adding a method is one function plus `@macro`.
 
+    independent(a, b, ...)                      CE only, one block (every table's baseline)
+    dml(a, b, ..., teacher="peers"|"ensemble")  Deep Mutual Learning, cohorts of N; DML_e
+    xml(a, b, ...)                              Xross Mutual Learning (networks cut into up, down)
+    kd(teacher, student, T=4, alpha=0.9)        Hinton KD with a frozen teacher
+    byot(net, T=3, alpha=0.3, beta=1e-6)        Be Your Own Teacher (network cut into stages)
+    born_again(g0, g1, ..., variant="kd")       Born-Again generations (kd | teacher | cwtm | dkpp)
+
+Every macro also takes the train settings (epochs, optimizer, order, schedule, ...) and `name`;
+`after=B` (kd, byot, born_again) starts from block B's final weights.
+
     xml(net1, net2, epochs=200, optimizer=adam(lr=1e-4))
 """
 
@@ -24,11 +34,15 @@ MACROS: Registry[Callable[[ast.MacroCall, dict[str, str]], str]] = Registry("mac
 _TRAIN_KEYS = ("optimizer", "epochs", "order", "schedule", "grad_clip", "max_steps", "eval_every", "map_channels")
 
 
-def macro(*params: str):
-    """Register a macro taking networks positionally and the given keyword parameters."""
+def macro(*params: str, needs_spec: bool = False):
+    """Register a macro taking networks positionally and the given keyword parameters.
+
+    With `needs_spec` the macro is also given the statements before it (e.g. `byot` reads the cut).
+    """
 
     def register(fn):
         fn.params = params + _TRAIN_KEYS + ("name",)
+        fn.needs_spec = needs_spec
         MACROS.register(fn.__name__.rstrip("_"), fn)
         return fn
 
@@ -107,7 +121,11 @@ train {name} {{
 
 @macro("T", "alpha", "after")
 def kd(call: ast.MacroCall, kw: dict[str, str]) -> str:
-    """Hinton KD (seed 001): kd(teacher, student): alpha T^2 KL(teacher || student) + (1 - alpha) CE."""
+    """Hinton KD (seed 001): kd(teacher, student): alpha T^2 KL(teacher || student) + (1 - alpha) CE.
+
+    The teacher is frozen (no objective minimises it): loaded with `weights "..."`, or trained by an
+    earlier block named by `after=` (whose final weights of every module this block starts from).
+    """
     nets = _networks(call, 2)
     if len(nets) != 2:
         raise SpecError("kd() takes exactly two networks: teacher, student", call.pos)
@@ -118,6 +136,119 @@ def kd(call: ast.MacroCall, kw: dict[str, str]) -> str:
     minimize kd({teacher}, {student}, y, T={kw.get('T', '4.0')}, alpha={kw.get('alpha', '0.9')}) wrt {student}
 {_train_settings(kw)}
 }}"""
+
+
+def _cut_parts(spec: ast.Spec, net: str, before: ast.MacroCall) -> tuple[str, ...] | None:
+    """The part names of `net` as cut by a `cut` statement above the macro call (None if it is not cut)."""
+    for st in spec.statements:
+        if st is before:
+            break
+        if isinstance(st, ast.Cut) and net in st.networks:
+            return tuple(st.parts)
+    return None
+
+
+@macro("T", "alpha", "beta", "reduction", "after", needs_spec=True)
+def byot(call: ast.MacroCall, kw: dict[str, str], spec: ast.Spec) -> str:
+    """Be Your Own Teacher (seed 003): self-distillation of one network cut into stages.
+
+    The network must be cut into parts p1 .. pn (n >= 3): a head is attached after each of p1 .. p(n-2),
+    p(n-1) ends with the deepest features and pn is the classifier (e.g. builtin nets cut at "layer1",
+    "layer2", "pool"; torchvision ResNets at "layer1", "layer2", "layer3", "avgpool"). Head i is two
+    adapters owned by the network, `<net>_neck<i> = bottleneck()` (features, shaped like the deepest
+    features) and `<net>_fc<i> = classifier()`, so `net.p<i> >> <net>_neck<i>` is head i's feature path
+    and `net.p<i> >> <net>_neck<i> >> <net>_fc<i>` its logits. Loss (as the authors' code):
+
+        ce(net, y) + sum_i [ (1 - alpha) ce(head_i, y) + alpha kl(net, head_i, T) + beta l2(feat_i, deepest) ]
+
+    The deepest classifier (the network's own output) and its features are detached targets; `kl`
+    includes the T^2 factor (the authors' code omits it: their alpha is ours times T^2). beta=0 drops
+    the feature hints.
+    """
+    nets = _networks(call, 1)
+    if len(nets) != 1:
+        raise SpecError("byot() takes exactly one network (self-distillation)", call.pos)
+    (net,) = nets
+    parts = _cut_parts(spec, net, call)
+    if parts is None or len(parts) < 3:
+        got = "is not cut" if parts is None else f"has only {len(parts)} parts"
+        raise SpecError(f"byot(): network '{net}' {got}; it needs at least 3 parts (stages with heads, "
+                        f"the deepest features, the classifier)", call.pos,
+                        f'cut it first, e.g. cut {net} at "layer1", "layer2", "pool" into s1, s2, s3, fc')
+    name = kw.get("name", "byot")
+    T, alpha, beta = kw.get("T", "3.0"), kw.get("alpha", "0.3"), kw.get("beta", "1e-06")
+    hints = _number(beta, "beta", call) != 0
+    deepest = f"{net}.{parts[-2]}"
+    neck_args = f"reduction={kw['reduction']}" if "reduction" in kw else ""
+    lines, terms = [], [f"ce({net}, y)"]
+    for i, part in enumerate(parts[:-2], start=1):
+        neck, fc = f"{net}_neck{i}", f"{net}_fc{i}"
+        lines += [f"adapter {neck} = bottleneck({neck_args}) owner {net}",
+                  f"adapter {fc} = classifier() owner {net}"]
+        feat = f"{net}.{part} >> {neck}"
+        logits = f"{feat} >> {fc}"
+        terms += [f"(1 - {alpha}) * ce({logits}, y)", f"{alpha} * kl({net}, {logits}, T={T})"]
+        if hints:
+            terms.append(f"{beta} * l2({feat}, {deepest}, grad=false)")
+    after = f" after {kw['after']}" if "after" in kw else ""
+    body = "\n    + ".join(terms)
+    return "\n".join(lines) + f"""
+loss {name}() =
+    {body}
+train {name}{after} {{
+    minimize {name}() wrt {net}
+{_train_settings(kw)}
+}}"""
+
+
+_BAN_VARIANTS = {
+    "kd": "ce(s, y) + kl(t, s, T={T})",       # BAN+L: labels + the teacher's prediction
+    "teacher": "kl(t, s, T={T})",              # BAN: the teacher's prediction only
+    "cwtm": "cwtm(t, s, y)",                   # labels, each sample weighted by the teacher's max
+    "dkpp": "dkpp(t, s)",                      # teacher's prediction with the non-argmax entries permuted
+}
+
+
+@macro("variant", "T", "after")
+def born_again(call: ast.MacroCall, kw: dict[str, str]) -> str:
+    """Born-Again Networks (seed 004): born_again(g0, g1, ..., gN): g(k) is taught by g(k-1), one block each.
+
+    Blocks `<name>0` (g0 with ce, unless `after=B` says an earlier block B trained g0) and `<name>k after
+    <name>(k-1)` (g(k) with the variant's loss, teacher g(k-1) frozen at its final weights). `name`
+    defaults to "gen". Variants: "kd" (default, BAN+L: ce + kl), "teacher" (BAN: kl only), "cwtm"
+    (Confidence-Weighted by Teacher Max), "dkpp" (Dark Knowledge with Permuted Predictions); T (default 1)
+    is the temperature of kl. The BAN ensemble is `evaluate ensemble(g1, ..., gN)`.
+    """
+    nets = _networks(call, 2)
+    name = kw.get("name", "gen")
+    variant = kw.get("variant", '"kd"').strip('"')
+    if variant not in _BAN_VARIANTS:
+        raise SpecError(f"born_again(): unknown variant '{variant}'", call.pos,
+                        f"variants: {', '.join(_BAN_VARIANTS)}")
+    settings = _train_settings(kw)
+    out = [f"loss {name}(s, t) = {_BAN_VARIANTS[variant].format(T=kw.get('T', '1.0'))}"]
+    previous = kw.get("after")
+    if previous is None:
+        previous = f"{name}0"
+        out.append(f"""train {previous} {{
+    minimize ce({nets[0]}, y) wrt {nets[0]}
+{settings}
+}}""")
+    for k in range(1, len(nets)):
+        block = f"{name}{k}"
+        out.append(f"""train {block} after {previous} {{
+    minimize {name}({nets[k]}, {nets[k - 1]}) wrt {nets[k]}
+{settings}
+}}""")
+        previous = block
+    return "\n".join(out)
+
+
+def _number(text: str, what: str, call: ast.MacroCall) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise SpecError(f"{call.name}(): {what} must be a number, got {text}", call.pos) from None
 
 
 def _relocate(node, pos: Pos):
@@ -158,9 +289,11 @@ def expand_macros(spec: ast.Spec) -> ast.Spec:
                                 f"its parameters are: {', '.join(fn.params)}")
             kw[k.name] = k.value.id if k.name in ("name", "after") and isinstance(k.value, ast.Name) \
                 else format_expr(k.value)
-        if "name" in kw:
-            kw["name"] = kw["name"].strip('"')
-        generated = parse(fn(s, kw), f"<macro {s.name} at {s.pos}>")
+        for key in ("name", "after"):  # block names may be given as strings too
+            if key in kw:
+                kw[key] = kw[key].strip('"')
+        text = fn(s, kw, spec) if fn.needs_spec else fn(s, kw)
+        generated = parse(text, f"<macro {s.name} at {s.pos}>")
         for g in generated.statements:
             if isinstance(g, ast.MacroCall):
                 raise SpecError(f"macro {s.name}() generated another macro call", s.pos)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 from lark import Lark, Token, Transformer, v_args
@@ -206,6 +207,8 @@ class _ToAst(Transformer):
         (tok,) = items
         text = str(tok)
         value = int(text) if text.isdigit() else float(text)
+        if not math.isfinite(value):  # 1e999 parses as inf: a typo, never a setting
+            raise SpecError(f"number {text} is too large", self._tpos(tok))
         return ast.Number(value, self._tpos(tok))
 
     def string(self, items):
@@ -275,11 +278,13 @@ def parse_file(path: str | Path) -> ast.Spec:
         data = path.read_bytes()
     except OSError as e:
         raise SpecError(f"cannot read spec '{path}': {e.strerror or e}") from None
+    bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a byte-order mark (Windows editors) is not spec text
     try:
-        text = data.decode("utf-8")
+        text = data[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise SpecError(f"spec is not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})",
+        start = bom + e.start
+        line = data[:start].count(b"\n") + 1
+        raise SpecError(f"spec is not valid UTF-8 (byte 0x{data[start]:02x} at offset {start})",
                         Pos(str(path), line, 1), hint="save the file as UTF-8") from None
     return parse(text, str(path))
 
@@ -293,13 +298,16 @@ def _syntax_error(e: UnexpectedInput, text: str, file: str) -> SpecError:
                          hint="an unclosed '(', '[' or '{'?")
     if isinstance(e, UnexpectedToken):
         found = e.token.type
-        what = f"'{e.token}'" if found not in ("NAME", "NUMBER", "STRING") else f"{_describe(found)} '{e.token}'"
+        what = f"'{e.token}'" if found not in ("NAME", "NUMBER", "STRING") else \
+            f"{_describe(found).removeprefix('a ')} '{e.token}'"
         hint = None
         if found == "NAME" and str(e.token) in _keywords():
             hint = f"'{e.token}' is a reserved word"
         return SpecError(f"unexpected {what}; {_expected(e.accepts or e.expected)}", Pos(file, line, col), hint)
     if isinstance(e, UnexpectedCharacters):
         char = text[e.pos_in_stream] if e.pos_in_stream < len(text) else "?"
+        if char == '"':
+            return SpecError("unterminated string", Pos(file, line, col), 'a string ends with " on the same line')
         return SpecError(f"unexpected character {char!r}; {_expected(e.allowed)}", Pos(file, line, col))
     return SpecError(str(e), Pos(file, line, col))
 

@@ -91,16 +91,18 @@ def _seed_everything(seed: int) -> None:
 class _Logger:
     """Metrics to JSONL + CSV (+ TensorBoard when installed); console output through rich."""
 
-    def __init__(self, out: Path, quiet: bool, resume: bool):
+    def __init__(self, out: Path, quiet: bool, resume: bool, enabled: bool = True):
         from rich.console import Console
 
-        self.out, self.quiet = out, quiet
+        self.out, self.quiet, self.enabled = out, quiet, enabled
         self.console = Console(quiet=quiet)
         self.rows: list[dict[str, Any]] = []
         path = out / "metrics.jsonl"
         if resume and path.exists():
             self.rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         self.tb = None
+        if not enabled:
+            return
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -110,6 +112,8 @@ class _Logger:
 
     def log(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
+        if not self.enabled:
+            return
         with open(self.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.tb is not None:
@@ -120,11 +124,13 @@ class _Logger:
     def truncate(self, stage: str, epoch: int) -> None:
         """Forget rows of `stage` after `epoch` (written before a crash, redone after resume)."""
         self.rows = [r for r in self.rows if not (r["stage"] == stage and r["epoch"] > epoch)]
+        if not self.enabled:
+            return
         with open(self.out / "metrics.jsonl", "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in self.rows)
 
     def write_csv(self) -> None:
-        if not self.rows:
+        if not self.rows or not self.enabled:
             return
         keys = list(dict.fromkeys(k for r in self.rows for k in r))
         with open(self.out / "metrics.csv", "w", newline="") as f:
@@ -167,7 +173,7 @@ def _check_finite(exp, losses: dict[str, torch.Tensor], stage: ir.Stage, epoch: 
     net = bad[0]
     terms = exp.last_terms.get(net, {})
     bad_terms = [t for t, v in terms.items() if not torch.isfinite(v.detach()).all()]
-    which = f"term {bad_terms[0]} = {float(terms[bad_terms[0]])}" if bad_terms else \
+    which = f"term {bad_terms[0]} = {float(terms[bad_terms[0]].detach())}" if bad_terms else \
         f"objective = {float(losses[net])}"
     raise NonFiniteLoss(
         f"non-finite loss in train block '{stage.name}', network '{net}', epoch {epoch + 1}, step {step}: {which}",
@@ -176,7 +182,8 @@ def _check_finite(exp, losses: dict[str, torch.Tensor], stage: ir.Stage, epoch: 
 
 
 def _train_stage(exp, stage: ir.Stage, bundle, out: Path, logger: _Logger, opts: RunOptions, seed: int,
-                 device: torch.device, initial_state: dict[str, Any], snapshots: bool) -> dict[str, Any]:
+                 device: torch.device, initial_state: dict[str, Any], snapshots: bool,
+                 sampler=None) -> dict[str, Any]:
     """Train one block (resuming if a checkpoint exists); return its per-network best/last accuracies."""
     ckpt_dir = out / "checkpoints" / stage.name
     last_path = ckpt_dir / "last.pt"
@@ -219,6 +226,8 @@ def _train_stage(exp, stage: ir.Stage, bundle, out: Path, logger: _Logger, opts:
         logger.console.print(f"[dim]train {stage.name}: resumed at epoch {start_epoch + 1}, batch {skip_batches}[/]")
 
     def save(epoch: int, batch: int, done: bool = False) -> None:
+        if opts.rank != 0:
+            return
         save_atomic({
             "modules": root.state_dict(),
             "optimizers": {n: o.state_dict() for n, o in exp.optimizers.items()},
@@ -238,7 +247,7 @@ def _train_stage(exp, stage: ir.Stage, bundle, out: Path, logger: _Logger, opts:
                         transient=True, disable=opts.quiet)
     with progress:
         for epoch in range(start_epoch, stage.epochs):
-            loader = bundle.train_loader(epoch_seed=seed * 100_003 + epoch)
+            loader = bundle.train_loader(epoch_seed=seed * 100_003 + epoch, sampler=sampler)
             n_batches = len(loader) if max_steps is None else min(len(loader), max_steps)
             task = progress.add_task(f"{stage.name} {epoch + 1}/{stage.epochs}", total=n_batches, info="")
             exp.set_train_mode(True)
@@ -280,8 +289,8 @@ def _train_stage(exp, stage: ir.Stage, bundle, out: Path, logger: _Logger, opts:
                     _check_finite(exp, {n: torch.tensor(v)}, stage, epoch, batch, last_path)
             exp.scheduler_step()
             seconds = time.perf_counter() - t0
-            acc = _accuracy(exp, test_loader, device) if (epoch + 1) % eval_every == 0 or \
-                epoch + 1 == stage.epochs else {}
+            acc = _accuracy(exp, test_loader, device) if opts.rank == 0 and ((epoch + 1) % eval_every == 0 or
+                                                                             epoch + 1 == stage.epochs) else {}
             for net in exp.networks:
                 if net not in stage.trained and net not in acc:
                     continue
@@ -298,11 +307,15 @@ def _train_stage(exp, stage: ir.Stage, bundle, out: Path, logger: _Logger, opts:
                 + ("  |  " + "  ".join(f"{n} acc {100 * a:.2f}%" for n, a in acc.items()) if acc else "")
                 + f"  ({seconds:.1f}s)")
             save(epoch + 1, 0)
-            if snapshots:
+            if snapshots and opts.rank == 0:
                 save_atomic({"modules": {"parts": root.parts.state_dict(), "adapters": root.adapters.state_dict()},
                              "epoch": epoch + 1}, ckpt_dir / f"epoch{epoch + 1}.pt")
-    save_atomic({"modules": root.state_dict(), "stage": stage.name}, final_path)
+    if opts.rank == 0:
+        save_atomic({"modules": root.state_dict(), "stage": stage.name}, final_path)
     save(stage.epochs, 0, done=True)
+    from xdsl.train.distributed import barrier
+
+    barrier()  # later blocks (`after`) and resumes read rank 0's files
     return best
 
 
@@ -332,15 +345,30 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
                             device_is_cuda=device.type == "cuda")
     except XdslError as e:
         raise SpecError(e.message, program.data.pos, e.hint) from None
-    (out / "spec.xspec").write_text(format_spec(program.spec))
-    logger = _Logger(out, opts.quiet, opts.resume)
+    sampler = None
+    if "WORLD_SIZE" in os.environ:  # under torchrun (even with one process: the same batches for any N)
+        from torch.utils.data.distributed import DistributedSampler
+
+        if bundle.batch_size % opts.world_size:
+            raise SpecError(f"batch_size {bundle.batch_size} is the global batch and must divide by the "
+                            f"{opts.world_size} processes", program.data.pos)
+        bundle.batch_size //= opts.world_size
+        sampler = DistributedSampler(bundle.train, num_replicas=opts.world_size, rank=opts.rank, shuffle=True,
+                                     seed=seed, drop_last=False)
+    if opts.rank == 0:
+        (out / "spec.xspec").write_text(format_spec(program.spec))
+    logger = _Logger(out, opts.quiet, opts.resume, enabled=opts.rank == 0)
     initial_state = _module_state(exp)
     snapshots = _uses_snapshots(program)
     results: dict[str, Any] = {"spec": str(spec), "seed": seed, "device": str(device), "stages": {}}
     try:
         for stage in program.stages:
-            best = _train_stage(exp, stage, bundle, out, logger, opts, seed, device, initial_state, snapshots)
+            best = _train_stage(exp, stage, bundle, out, logger, opts, seed, device, initial_state, snapshots,
+                                sampler)
             exp.use_stage(stage.name)
+            if opts.rank != 0:
+                results["stages"][stage.name] = {"best": best, "evaluate": {"items": []}}
+                continue
             items = program.evaluate or [ir.EvalItem("accuracy", (), {}, stage.pos)]
             with exp.autocast():
                 evaluation = evaluate_items(exp, bundle.test_loader(), items, device=device,
@@ -352,8 +380,9 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
                 exp, bundle.test_loader(), items, device=device)}
     finally:
         logger.close()
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    _plots(out, logger.rows, results)
+    if opts.rank == 0:
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        _plots(out, logger.rows, results)
     return results
 
 
@@ -409,11 +438,20 @@ def _plots(out: Path, rows: list[dict[str, Any]], results: dict[str, Any]) -> No
 def run(spec: Path, opts: RunOptions) -> dict[str, Any]:
     """Run a spec for `opts.seeds` seeds; print the results table (mean +/- std over seeds)."""
     from xdsl.eval.summary import print_run_summary
+    from xdsl.train import distributed as ddp
 
     spec = Path(spec)
     if not spec.exists():
         raise XdslError(f"spec '{spec}' does not exist")
-    out = _prepare_out(spec, opts)
+    opts.device = ddp.init_from_env(opts.device)
+    opts.rank, opts.world_size = ddp.rank(), ddp.world_size()
+    if opts.rank != 0:
+        opts.quiet = True
+    out = _prepare_out(spec, opts) if opts.rank == 0 else None
+    if ddp.is_distributed():  # every process writes under rank 0's run directory
+        box = [str(out) if out else None]
+        torch.distributed.broadcast_object_list(box, src=0)
+        out = Path(box[0])
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM checkpoints like Ctrl-C
     try:
@@ -426,7 +464,7 @@ def run(spec: Path, opts: RunOptions) -> dict[str, Any]:
     finally:
         signal.signal(signal.SIGTERM, previous)
     summary = print_run_summary(all_results, quiet=opts.quiet)
-    if opts.seeds > 1:
+    if opts.seeds > 1 and opts.rank == 0:
         (out / "results.json").write_text(json.dumps({"seeds": all_results, "summary": summary}, indent=2))
     if not opts.quiet:
         print(f"run directory: {out}")
