@@ -106,7 +106,7 @@ class LossSpec:
         """Problem with a constant number argument, or None if it is acceptable."""
         for name, ok, message in self.constraints:
             if name == param and not ok(value):
-                return f"{self.name}: {message} (got {value!r})"
+                return f"{self.name}(): {param} {message}, got {value!r}"
         return None
 
 

@@ -457,7 +457,8 @@ def _plan_items(exp: Any, runner: _Runner, items: Sequence[ir.EvalItem], job: _P
                        "architectures": archs, "rows": rows}
                 if item.kind == "latency":
                     out.update(repeats=int(item.kwargs.get("repeats", 10)), batch_size=ctx.get("batch_size"),
-                               device=str(ctx.get("device")))
+                               device=str(ctx.get("device")), max_params=item.kwargs.get("max_params") or None,
+                               max_latency_ms=item.kwargs.get("max_latency_ms") or None)
                 return out
 
             plans.append(_Plan(item, finish))

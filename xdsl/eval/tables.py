@@ -13,6 +13,8 @@ from typing import Any
 
 from rich.table import Table
 
+from xdsl.eval.dynamic import best_path, pareto_front
+
 __all__ = ["render_results", "results_markdown", "print_results", "fmt_acc", "fmt_params", "part_headers"]
 
 
@@ -61,20 +63,34 @@ def _paths_table(item: Mapping[str, Any], title: str) -> _Tab:
     return t
 
 
+def _dynamic_caption(item: Mapping[str, Any], caption: str | None) -> str:
+    """Dynamic computation (seed 000): the best path under the item's #params / latency budget."""
+    budget = {"max_params": item.get("max_params") or None, "max_latency_ms": item.get("max_latency_ms") or None}
+    best = best_path(item.get("rows", []), **budget)
+    wanted = ", ".join(f"{k} <= {v}" for k, v in budget.items() if v) or "no budget"
+    choice = f"{best['label'] or best['path']} ({fmt_acc(best['accuracy'])}, {fmt_params(best['params'])} params)" \
+        if best else "none fits"
+    text = f"* = Pareto front (accuracy vs #params); best path with {wanted}: {choice}"
+    return f"{caption}; {text}" if caption else text
+
+
 def _xross_tables(item: Mapping[str, Any]) -> list[_Tab]:
     parts = list(item.get("parts", []))
     archs = item.get("architectures", {})
     caption = ", ".join(f"{n} = {a}" for n, a in archs.items()) or None
     latency = item.get("kind") == "latency"
-    headers = part_headers(parts) + ["Accuracy", "#Params"] + (["ms/batch"] if latency else [])
+    if latency:
+        caption = _dynamic_caption(item, caption)
+    headers = part_headers(parts) + ["Accuracy", "#Params"] + (["ms/batch", "Pareto"] if latency else [])
     first_numeric = len(parts)
+    front = {r["path"] for r in pareto_front(item.get("rows", []))} if latency else set()
     t = _Tab(("Latency: " if latency else "Xross: ") + item.get("title", ""), headers, caption=caption,
              numeric=set(range(first_numeric, len(headers))))
     for r in item.get("rows", []):
         cells = list(r["networks"]) + [fmt_acc(r.get("accuracy"), r.get("status")),
                                        fmt_params(r.get("params"))]
         if latency:
-            cells.append(_fmt(r.get("latency_ms"), 2))
+            cells += [_fmt(r.get("latency_ms"), 2), "*" if r["path"] in front else ""]
         t.rows.append(cells)
     tabs = [t]
     if len(parts) == 2 and not latency and item.get("rows"):

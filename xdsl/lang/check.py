@@ -52,7 +52,8 @@ EVALUATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "entropy": ("paths", {}),
     "flatness": ("paths", {"sigmas": [0.0, 0.01, 0.02, 0.05], "draws": 3}),
     "mapping": ("networks", {"measure": "bmm_std", "batches": 1}),
-    "latency": ("networks", {"repeats": 10}),
+    # dynamic computation: every Xross path's latency; the best under a budget (0 = none) is reported
+    "latency": ("networks", {"repeats": 10, "max_params": 0, "max_latency_ms": 0.0}),
 }
 
 

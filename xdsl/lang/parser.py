@@ -199,6 +199,11 @@ class _ToAst(Transformer):
         return ast.Keyword(str(name), value, self._tpos(name))
 
     @v_args(meta=True)
+    def keyword_after(self, meta, items):
+        (value,) = items
+        return ast.Keyword("after", value, self._pos(meta))
+
+    @v_args(meta=True)
     def comprehension(self, meta, items):
         body, var, iterable = items
         return ast.Comprehension(body, str(var), iterable, self._pos(meta))
@@ -275,9 +280,13 @@ def parse_file(path: str | Path) -> ast.Spec:
     """Read and parse a spec file; unreadable or non-UTF-8 files are spec errors too."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:  # read a bounded amount: /dev/zero or a 10 GB file must not hang us
+            data = f.read(MAX_SPEC_BYTES + 1)
     except OSError as e:
         raise SpecError(f"cannot read spec '{path}': {e.strerror or e}") from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(f"spec is larger than the limit of {MAX_SPEC_BYTES:,} bytes", Pos(str(path), 1, 1),
+                        hint="a spec is a page of text; is this the right file?")
     bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a byte-order mark (Windows editors) is not spec text
     try:
         text = data[bom:].decode("utf-8")

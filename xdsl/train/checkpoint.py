@@ -23,8 +23,11 @@ __all__ = ["save_atomic", "load_checkpoint", "load_latest", "rng_state", "set_rn
 
 def save_atomic(state: dict[str, Any], path: Path, keep_previous: bool = False) -> None:
     """Write `state` to `path` so that readers see either the old file or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise _write_error(path, e) from None
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
@@ -33,8 +36,10 @@ def save_atomic(state: dict[str, Any], path: Path, keep_previous: bool = False) 
         if keep_previous and path.exists():
             os.replace(path, path.with_suffix(".prev.pt"))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # disk full, quota, permissions: the previous checkpoint is untouched
+            raise _write_error(path, e) from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -42,6 +47,12 @@ def save_atomic(state: dict[str, Any], path: Path, keep_previous: bool = False) 
         os.close(dir_fd)
     except OSError:
         pass
+
+
+def _write_error(path: Path, e: OSError) -> XdslError:
+    return XdslError(f"cannot write checkpoint '{path}': {e.strerror or e}",
+                     hint="free disk space or choose another --out; the previous checkpoint is intact, "
+                     "continue with --resume")
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
