@@ -8,7 +8,7 @@ A macro is a function from its call to spec text; the text is parsed like any sp
     xml(a, b, ...)                              Xross Mutual Learning (networks cut into up, down)
     kd(teacher, student, T=4, alpha=0.9)        Hinton KD with a frozen teacher
     byot(net, T=3, alpha=0.3, beta=1e-6)        Be Your Own Teacher (network cut into stages)
-    born_again(g0, g1, ..., variant="kd")       Born-Again generations (kd | teacher | cwtm | dkpp)
+    born_again(g0, g1, ..., variant="kd")       Born-Again generations (kd | ban | cwtm | dkpp)
 
 Every macro also takes the train settings (epochs, optimizer, order, schedule, ...) and `name`;
 `after=B` (kd, byot, born_again) starts from block B's final weights.
@@ -203,7 +203,7 @@ train {name}{after} {{
 
 _BAN_VARIANTS = {
     "kd": "ce(s, y) + kl(t, s, T={T})",       # BAN+L: labels + the teacher's prediction
-    "teacher": "kl(t, s, T={T})",              # BAN: the teacher's prediction only
+    "ban": "kl(t, s, T={T})",                  # BAN: the teacher's prediction only
     "cwtm": "cwtm(t, s, y)",                   # labels, each sample weighted by the teacher's max
     "dkpp": "dkpp(t, s)",                      # teacher's prediction with the non-argmax entries permuted
 }
@@ -215,7 +215,7 @@ def born_again(call: ast.MacroCall, kw: dict[str, str]) -> str:
 
     Blocks `<name>0` (g0 with ce, unless `after=B` says an earlier block B trained g0) and `<name>k after
     <name>(k-1)` (g(k) with the variant's loss, teacher g(k-1) frozen at its final weights). `name`
-    defaults to "gen". Variants: "kd" (default, BAN+L: ce + kl), "teacher" (BAN: kl only), "cwtm"
+    defaults to "gen". Variants: "kd" (default, BAN+L: ce + kl), "ban" (BAN: kl only), "cwtm"
     (Confidence-Weighted by Teacher Max), "dkpp" (Dark Knowledge with Permuted Predictions); T (default 1)
     is the temperature of kl. The BAN ensemble is `evaluate ensemble(g1, ..., gN)`.
     """
