@@ -209,3 +209,34 @@ train { minimize ce(a.up >> ab >> b.down, y) wrt a }
     before = [p.clone() for p in exp.networks["b"].parameters()]
     exp.train_step(x, y)
     assert all(torch.equal(a, b) for a, b in zip(before, exp.networks["b"].parameters()))
+
+
+def test_adapter_with_two_owners_is_stepped_by_both_networks(tmp_path):
+    """`owner a, b` (seed 000 "double train"): each network's step updates the shared adapter in turn."""
+    text = """data synthetic(num_classes=10, shape=[1, 8, 8])
+network a = builtin.cnn(num_classes=10, in_channels=1, width=8)
+network b = builtin.cnn(num_classes=10, in_channels=1, width=16)
+cut a, b at "layer2" into up, down
+adapter ab = conv1x1(relu=true) owner a, b
+train {
+    minimize ce(a.up >> ab >> b.down, y) wrt a
+    minimize ce(a.up >> ab >> b.down, y) + ce(b, y) wrt b
+    optimizer sgd(lr=0.1, momentum=0.0, nesterov=false, weight_decay=0.0)
+}
+"""
+    exp = xdsl.load(_write(tmp_path, text))
+    x, y = _batch()
+    ab = copy.deepcopy(exp.adapters["ab"])
+    # b_down is a copy apart from b: only the adapter is compared, whose gradients read b_down before b's step
+    a_up, b_down, b = (copy.deepcopy(m) for m in (exp.parts["a"]["up"], exp.parts["b"]["down"], exp.networks["b"]))
+    for loss_of, owned in ((lambda: F.cross_entropy(b_down(ab(a_up(x))), y), [*a_up.parameters(), *ab.parameters()]),
+                           (lambda: F.cross_entropy(b_down(ab(a_up(x))), y) + F.cross_entropy(b(x), y),
+                            [*b.parameters(), *ab.parameters()])):
+        grads = torch.autograd.grad(loss_of(), owned, allow_unused=True)
+        with torch.no_grad():
+            for p, g in zip(owned, grads):
+                if g is not None:
+                    p -= 0.1 * g
+    exp.train_step(x, y)
+    for got, want in zip(exp.adapters["ab"].parameters(), ab.parameters()):
+        torch.testing.assert_close(got, want)

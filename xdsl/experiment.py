@@ -74,7 +74,7 @@ class Experiment:
     def owned_modules(self, net: str) -> list[nn.Module]:
         """What `minimize ... wrt net` updates: the network and the adapters it owns."""
         owned = [self.networks[net]]
-        owned += [m for name, m in self.adapters.items() if self.program.adapters[name].owner == net]
+        owned += [m for name, m in self.adapters.items() if net in self.program.adapters[name].owners]
         return owned
 
     def owned_params(self, net: str) -> list[nn.Parameter]:
@@ -187,13 +187,15 @@ class Experiment:
                 losses, terms = self._joint.module(x, y)
             self._record_terms(self._joint, terms)
             last = len(losses) - 1
+            grads = {}  # kept apart until each step: an adapter owned by two networks gets each one's gradient
             for i, (net, loss) in enumerate(zip(self._joint.networks, losses)):
-                self.optimizers[net].zero_grad(set_to_none=True)
-                loss.backward(inputs=self.params[net], retain_graph=i < last)
+                grads[net] = torch.autograd.grad(loss, self.params[net], retain_graph=i < last, allow_unused=True)
                 out[net] = loss.detach()
             from xdsl.train.distributed import all_reduce_grads, is_distributed
 
             for net in self._joint.networks:
+                for p, g in zip(self.params[net], grads[net]):
+                    p.grad = g
                 if is_distributed():
                     all_reduce_grads(self.params[net])
                 self._step(net, clip)

@@ -161,7 +161,7 @@ def assemble(program: ir.Program, *, device: str | torch.device = "cpu", spec_di
         for k in range(len(program.parts[net])):
             path = _natural_path(program, net, k + 1)
             if path_node(path) not in graph:
-                graph.add_node(path_node(path), kind="part", path=path, step=path.steps[-1], owner=net,
+                graph.add_node(path_node(path), kind="part", path=path, step=path.steps[-1], owner=net, owners=(net,),
                                target=f"parts.{net}.{path.steps[-1].part}", label=str(path.steps[-1]))
                 graph.add_edge(path_node(path.prefix(k)) if k else "x", path_node(path))
             natural.append(path_node(path))

@@ -53,10 +53,11 @@ def _add_path(g: nx.DiGraph, path: ir.Path, program: ir.Program) -> str:
         node = path_node(prefix)
         if node not in g:
             if isinstance(step, ir.AdapterStep):
-                owner, kind = program.adapters[step.name].owner, "adapter"
+                owners, kind = program.adapters[step.name].owners, "adapter"
             else:
-                owner, kind = step.net, "part"
-            g.add_node(node, kind=kind, path=prefix, step=step, owner=owner, target=module_target(step),
+                owners, kind = (step.net,), "part"
+            g.add_node(node, kind=kind, path=prefix, step=step, owner=owners[0], owners=owners,
+                       target=module_target(step),
                        label=str(step))
             g.add_edge(parent, node)
         parent = node

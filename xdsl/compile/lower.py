@@ -48,8 +48,8 @@ class Lowered:
 
 def _needs_grad(g: nx.DiGraph, node: str, owners: set[str]) -> bool:
     path: ir.Path = g.nodes[node]["path"]
-    return any(g.nodes[path_node_str]["owner"] in owners
-               for path_node_str in (str(path.prefix(i + 1)) for i in range(len(path.steps))))
+    return any(owner in owners for i in range(len(path.steps))
+               for owner in g.nodes[str(path.prefix(i + 1))]["owners"])
 
 
 def lower(g: nx.DiGraph, root: nn.Module, stage: ir.Stage, networks: tuple[str, ...],

@@ -41,7 +41,7 @@ def summarize(compiled: Compiled) -> dict[str, Any]:
         stages.append({"name": stage.name, "after": stage.after, "order": stage.order, "epochs": stage.epochs,
                        "optimizer": {"name": stage.optimizer.name, **stage.optimizer.kwargs},
                        "objectives": objectives})
-    adapters = [{"name": n, "kind": d.kind, "owner": d.owner,
+    adapters = [{"name": n, "kind": d.kind, "owners": list(d.owners),
                  "params": sum(p.numel() for p in compiled.root.adapters[n].parameters())
                  if n in compiled.root.adapters else 0} for n, d in program.adapters.items()]
     return {"spec": program.file, "input_shape": list(compiled.input_shape), "num_classes": compiled.num_classes,

@@ -153,12 +153,12 @@ class Cut:
 
 @dataclass(frozen=True)
 class Adapter:
-    """`adapter a12 = conv1x1(relu=true) owner net1`"""
+    """`adapter a12 = conv1x1(relu=true) owner net1` (several owners: each one's optimiser updates it)"""
 
     name: str
     kind: str
     kwargs: tuple[Keyword, ...]
-    owner: str
+    owners: tuple[str, ...]
     pos: Pos = _pos()
 
 

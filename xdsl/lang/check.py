@@ -245,11 +245,16 @@ class _Checker:
             self.error(f"unknown adapter kind '{s.kind}'", s.pos, _hint(s.kind, ADAPTERS.names(), None))
             return
         kwargs = self._const_kwargs(s.kwargs, adapter_params(s.kind), f"adapter '{s.kind}'")
-        if s.owner not in self.networks:
-            self.error(f"adapter owner '{s.owner}' is not a network", s.pos, _hint(s.owner, self.networks, None))
+        unknown = [o for o in s.owners if o not in self.networks]
+        if unknown:
+            self.error(f"adapter owner '{unknown[0]}' is not a network", s.pos,
+                       _hint(unknown[0], self.networks, None))
+            return
+        if len(set(s.owners)) != len(s.owners):
+            self.error(f"adapter '{s.name}' lists an owner twice", s.pos)
             return
         if self._declare(s.name, s.pos):
-            self.adapters[s.name] = ir.AdapterDecl(s.name, s.kind, kwargs, s.owner, s.pos)
+            self.adapters[s.name] = ir.AdapterDecl(s.name, s.kind, kwargs, tuple(s.owners), s.pos)
 
     def stmt_lossdef(self, s: ast.LossDef) -> None:
         if len(set(s.params)) != len(s.params):

@@ -65,7 +65,7 @@ def _statement(s) -> str:
         points = ", ".join(_quote(p) for p in s.points)
         return f"cut {', '.join(s.networks)} at {points} into {', '.join(s.parts)}"
     if isinstance(s, ast.Adapter):
-        return f"adapter {s.name} = {s.kind}({_arguments((), s.kwargs)}) owner {s.owner}"
+        return f"adapter {s.name} = {s.kind}({_arguments((), s.kwargs)}) owner {', '.join(s.owners)}"
     if isinstance(s, ast.LossDef):
         return f"loss {s.name}({', '.join(s.params)}) =\n    {format_expr(s.body)}"
     if isinstance(s, ast.Train):

@@ -135,8 +135,12 @@ class AdapterDecl:
     name: str
     kind: str
     kwargs: dict[str, Any]
-    owner: str
+    owners: tuple[str, ...]   # whose `minimize ... wrt` updates it
     pos: Pos
+
+    @property
+    def owner(self) -> str:
+        return self.owners[0]
 
 
 @dataclass(frozen=True)
@@ -189,5 +193,3 @@ class Program:
     stages: list[Stage]
     evaluate: list[EvalItem]
 
-    def owner_of(self, module: str) -> str | None:
-        return self.adapters[module].owner if module in self.adapters else None

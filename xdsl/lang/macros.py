@@ -214,8 +214,8 @@ def born_again(call: ast.MacroCall, kw: dict[str, str]) -> str:
     """Born-Again Networks (seed 004): born_again(g0, g1, ..., gN): g(k) is taught by g(k-1), one block each.
 
     Blocks `<name>0` (g0 with ce, unless `after=B` says an earlier block B trained g0) and `<name>k after
-    <name>(k-1)` (g(k) with the variant's loss, teacher g(k-1) frozen at its final weights). `name`
-    defaults to "gen". Variants: "kd" (default, BAN+L: ce + kl), "ban" (BAN: kl only), "cwtm"
+    <name>(k-1)` (g(k) minimises `<name>_loss(g(k), g(k-1))`, the teacher g(k-1) frozen at its final
+    weights). `name` defaults to "gen". Variants: "kd" (default, BAN+L: ce + kl), "ban" (BAN: kl only), "cwtm"
     (Confidence-Weighted by Teacher Max), "dkpp" (Dark Knowledge with Permuted Predictions); T (default 1)
     is the temperature of kl. The BAN ensemble is `evaluate ensemble(g1, ..., gN)`.
     """
@@ -226,7 +226,8 @@ def born_again(call: ast.MacroCall, kw: dict[str, str]) -> str:
         raise SpecError(f"born_again(): unknown variant '{variant}'", call.pos,
                         f"variants: {', '.join(_BAN_VARIANTS)}")
     settings = _train_settings(kw)
-    out = [f"loss {name}(s, t) = {_BAN_VARIANTS[variant].format(T=kw.get('T', '1.0'))}"]
+    loss = f"{name}_loss"
+    out = [f"loss {loss}(s, t) = {_BAN_VARIANTS[variant].format(T=kw.get('T', '1.0'))}"]
     previous = kw.get("after")
     if previous is None:
         previous = f"{name}0"
@@ -237,7 +238,7 @@ def born_again(call: ast.MacroCall, kw: dict[str, str]) -> str:
     for k in range(1, len(nets)):
         block = f"{name}{k}"
         out.append(f"""train {block} after {previous} {{
-    minimize {name}({nets[k]}, {nets[k - 1]}) wrt {nets[k]}
+    minimize {loss}({nets[k]}, {nets[k - 1]}) wrt {nets[k]}
 {settings}
 }}""")
         previous = block

@@ -98,9 +98,9 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def adapter(self, meta, items):
-        name, kind, args, owner = items
+        name, kind, args, owners = items
         kwargs = self._kwargs_only(args, f"adapter '{name}'")
-        return ast.Adapter(str(name), str(kind), kwargs, str(owner), self._pos(meta))
+        return ast.Adapter(str(name), str(kind), kwargs, tuple(owners), self._pos(meta))
 
     @v_args(meta=True)
     def loss(self, meta, items):
@@ -285,16 +285,19 @@ def parse_file(path: str | Path) -> ast.Spec:
     except OSError as e:
         raise SpecError(f"cannot read spec '{path}': {e.strerror or e}") from None
     if len(data) > MAX_SPEC_BYTES:
+        register_source(str(path), "")  # so the error message does not read the file again to quote it
         raise SpecError(f"spec is larger than the limit of {MAX_SPEC_BYTES:,} bytes", Pos(str(path), 1, 1),
                         hint="a spec is a page of text; is this the right file?")
     bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a byte-order mark (Windows editors) is not spec text
     try:
         text = data[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
+        register_source(str(path), "")
         start = bom + e.start
         line = data[:start].count(b"\n") + 1
+        col = start - data.rfind(b"\n", 0, start)
         raise SpecError(f"spec is not valid UTF-8 (byte 0x{data[start]:02x} at offset {start})",
-                        Pos(str(path), line, 1), hint="save the file as UTF-8") from None
+                        Pos(str(path), line, col), hint="save the file as UTF-8") from None
     return parse(text, str(path))
 
 
