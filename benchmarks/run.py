@@ -224,8 +224,11 @@ class HandWritten:
 
     def _xml_joint(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         (u1, d1), (u2, d2) = self.parts
-        up1, up2 = u1(x), u2(x)
-        z11, z12, z22, z21 = d1(up1), d2(up1), d2(up2), d1(up2)  # z_ab = a.up >> b.down
+        up1 = u1(x)
+        z11 = d1(up1)  # z_ab = a.up >> b.down
+        up2 = u2(x)
+        z22 = d2(up2)
+        z12, z21 = d2(up1), d1(up2)
         t11, t22 = z11.detach(), z22.detach()
         loss1 = (F.cross_entropy(z11, y) + _kl(t22, z11) + _kl(t22, z12) + _kl(t22, z21)
                  + F.cross_entropy(z12, y) + F.cross_entropy(z21, y)) / 2

@@ -67,6 +67,19 @@ def _conv_geometry(kind: str, in_shape: Shape, out_shape: Shape | None) -> tuple
     )
 
 
+def _with_channels(kind: str, in_shape: Shape, out_shape: Shape | None, channels: int | None) -> Shape | None:
+    """`channels=N` gives the output width where nothing after the adapter fixes it (adapter chains)."""
+    if channels is None:
+        return out_shape
+    if channels < 1:
+        raise XdslError(f"adapter {kind}: channels must be >= 1, got {channels}")
+    if out_shape is None:
+        return torch.Size((in_shape[0], channels, *in_shape[2:]))
+    if out_shape[1] != channels:
+        raise XdslError(f"adapter {kind}: channels={channels}, but what follows it has {out_shape[1]} channels")
+    return out_shape
+
+
 def _conv_stack(cin: int, cout: int, kernel: int, stride: int, relu: bool, bn: bool) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=not bn)]
     if bn:
@@ -86,19 +99,21 @@ def identity(in_shape: Shape, out_shape: Shape | None, n_classes: int | None) ->
 
 @ADAPTERS.register("conv1x1")
 def conv1x1(
-    in_shape: Shape, out_shape: Shape | None, n_classes: int | None, *, relu: bool = False, bn: bool = False
+    in_shape: Shape, out_shape: Shape | None, n_classes: int | None, *, relu: bool = False, bn: bool = False,
+    channels: int | None = None,
 ) -> nn.Module:
     """1x1 convolution (+ BatchNorm, + ReLU): the XML seed's channel link-up (128 <-> 512)."""
-    cin, cout, stride = _conv_geometry("conv1x1", in_shape, out_shape)
+    cin, cout, stride = _conv_geometry("conv1x1", in_shape, _with_channels("conv1x1", in_shape, out_shape, channels))
     return _conv_stack(cin, cout, 1, stride, relu, bn)
 
 
 @ADAPTERS.register("conv3x3")
 def conv3x3(
-    in_shape: Shape, out_shape: Shape | None, n_classes: int | None, *, relu: bool = False, bn: bool = False
+    in_shape: Shape, out_shape: Shape | None, n_classes: int | None, *, relu: bool = False, bn: bool = False,
+    channels: int | None = None,
 ) -> nn.Module:
     """3x3 convolution (padding 1) (+ BatchNorm, + ReLU)."""
-    cin, cout, stride = _conv_geometry("conv3x3", in_shape, out_shape)
+    cin, cout, stride = _conv_geometry("conv3x3", in_shape, _with_channels("conv3x3", in_shape, out_shape, channels))
     return _conv_stack(cin, cout, 3, stride, relu, bn)
 
 

@@ -52,6 +52,31 @@ def _needs_grad(g: nx.DiGraph, node: str, owners: set[str]) -> bool:
                for owner in g.nodes[str(path.prefix(i + 1))]["owners"])
 
 
+def _first_use_order(g: nx.DiGraph, stage: str, networks: tuple[str, ...]) -> list[str]:
+    """Part/adapter nodes in the order the objectives' terms first use them, prefixes first.
+
+    This is the order a person writes the step in (s.up, s.down(s.up), t.down(s.up), ...), and it
+    is fixed by the spec text rather than by the graph's insertion order. It matters beyond
+    readability: BatchNorm running statistics are updated once per forward call, so two calls of one
+    part on different inputs leave different buffers depending on which comes first.
+    """
+    seen: dict[str, None] = {}
+
+    def visit(path: ir.Path) -> None:
+        for i in range(len(path.steps)):
+            seen.setdefault(str(path.prefix(i + 1)))
+
+    for net in networks:
+        for prim in term_leaves(g.nodes[objective_node(stage, net)]["term"]):
+            for arg in prim.args:
+                if isinstance(arg, ir.Path):
+                    visit(arg)
+                elif isinstance(arg, ir.Ensemble):
+                    for member in arg.members:
+                        visit(member)
+    return [n for n in seen if n in g and g.nodes[n]["kind"] in ("part", "adapter")]
+
+
 def lower(g: nx.DiGraph, root: nn.Module, stage: ir.Stage, networks: tuple[str, ...],
           trainable: set[str]) -> Lowered:
     """Generate the module computing `networks`' objectives of `stage` (gradients only into `trainable`)."""
@@ -61,7 +86,7 @@ def lower(g: nx.DiGraph, root: nn.Module, stage: ir.Stage, networks: tuple[str, 
         needed |= nx.ancestors(g, obj)
     owners = set(networks) & trainable
     order = [n for n in nx.topological_sort(g) if n in needed]
-    path_nodes = [n for n in order if g.nodes[n]["kind"] in ("part", "adapter")]
+    path_nodes = [n for n in _first_use_order(g, stage.name, networks) if n in needed]
     no_grad = [n for n in path_nodes if not _needs_grad(g, n, owners)]
     with_grad = [n for n in path_nodes if n not in set(no_grad)]
 
@@ -125,5 +150,3 @@ def path_module(root: nn.Module, path: ir.Path) -> fx.GraphModule:
     graph.output(value)
     return fx.GraphModule(root, graph, class_name="Path")
 
-
-del term_leaves  # re-exported by graph; imported here only for type readers

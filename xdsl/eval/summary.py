@@ -74,10 +74,17 @@ def print_run_summary(all_results: list[dict[str, Any]], quiet: bool = False) ->
     n = len(all_results)
     table = Table(title="results: top-1 test accuracy (%)" + (f", mean ± std over {n} seeds" if n > 1 else "")
                   + "; last epoch, 'best' = best epoch")
-    table.add_column("train block", no_wrap=True)
-    for c in columns:
-        table.add_column(c, justify="right", no_wrap=True)
-    for stage in values:
-        table.add_row(stage, *[_cell(values[stage].get(c)) for c in columns])
+    if len(columns) <= 8:  # one row per train block
+        table.add_column("train block", no_wrap=True)
+        for c in columns:
+            table.add_column(c, justify="right", no_wrap=True)
+        for stage in values:
+            table.add_row(stage, *[_cell(values[stage].get(c)) for c in columns])
+    else:  # many paths: one row per path, one column per train block
+        table.add_column("path", no_wrap=True)
+        for stage in values:
+            table.add_column(stage, justify="right", no_wrap=True)
+        for c in columns:
+            table.add_row(c, *[_cell(values[stage].get(c)) for stage in values])
     console.print(table)
     return {"columns": columns, "rows": {stage: {c: values[stage].get(c, []) for c in columns} for stage in values}}

@@ -185,6 +185,9 @@ class _Checker:
                 self.error(f"{what} has no parameter '{k.name}'", k.pos,
                            _hint(k.name, allowed, f"its parameters are: {', '.join(allowed) or 'none'}"))
                 continue
+            if allowed is not None and isinstance(allowed.get(k.name), str) and isinstance(k.value, ast.Name):
+                out[k.name] = k.value.id  # a symbolic option such as measure=bmm_std
+                continue
             try:
                 out[k.name] = _literal(self.const(k.value))
             except SpecError as e:
@@ -291,6 +294,12 @@ class _Checker:
                 args.append(v.name if v.epoch is None else f"{v.name}@{v.epoch}")
             else:
                 args.append(self._as_path(v, a.pos, f"{item.func}()").path)
+        if item.func == "mapping":
+            from xdsl.mapping import MEASURES
+
+            if kwargs["measure"] not in MEASURES:
+                raise SpecError(f"unknown measure '{kwargs['measure']}'", _kwpos(item.kwargs, "measure") or item.pos,
+                                _hint(str(kwargs["measure"]), MEASURES, f"measures: {', '.join(MEASURES)}"))
         if takes == "networks" and item.func in ("xross", "mapping") and len(args) < 2:
             raise SpecError(f"{item.func}() needs at least two networks", item.pos)
         return ir.EvalItem(item.func, tuple(args), kwargs, item.pos)
