@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -47,22 +47,35 @@ ROOT = Path(__file__).resolve().parent.parent
 COHORT_SPEC = "specs/xml_cohort3_wrn50_resnet50_resnext50_tinyimagenet.xspec"
 SPEC_GRAPH_TARGET_S = 2.0
 
-# variant -> (experiment, who writes the step, train order)
-VARIANTS: dict[str, tuple[str, str, str]] = {
-    "xml-xdsl-alternating": ("xml", "xdsl", "alternating"),
-    "xml-hand-alternating": ("xml", "hand", "alternating"),
-    "xml-xdsl-simultaneous": ("xml", "xdsl", "simultaneous"),
-    "xml-hand-simultaneous": ("xml", "hand", "simultaneous"),
-    "dml-xdsl-alternating": ("dml", "xdsl", "alternating"),
-    "dml-hand-alternating": ("dml", "hand", "alternating"),
+
+
+class Variant(NamedTuple):
+    """What one timed variant trains, and who wrote its step."""
+
+    experiment: str  # xml | dml
+    author: str      # xdsl (the generated step) | hand (HandWritten)
+    order: str       # alternating | simultaneous
+
+
+VARIANTS: dict[str, Variant] = {
+    "xml-xdsl-alternating": Variant("xml", "xdsl", "alternating"),
+    "xml-hand-alternating": Variant("xml", "hand", "alternating"),
+    "xml-xdsl-simultaneous": Variant("xml", "xdsl", "simultaneous"),
+    "xml-hand-simultaneous": Variant("xml", "hand", "simultaneous"),
+    "dml-xdsl-alternating": Variant("dml", "xdsl", "alternating"),
+    "dml-hand-alternating": Variant("dml", "hand", "alternating"),
+    # A/A control: a second, identical hand-written copy; its ratio to the first is the noise floor
+    "xml-hand-alternating-copy": Variant("xml", "hand", "alternating"),
 }
 
-# (label, numerator, denominator, target: ratio must be <= target; None = reported only)
+# (label, numerator, denominator, target: the wall-time median ratio must be <= target; None = reported only)
 RATIOS: list[tuple[str, str, str, float | None]] = [
     ("XML alternating: xdsl / hand-written", "xml-xdsl-alternating", "xml-hand-alternating", 1.05),
     ("XML: xdsl simultaneous / hand-written alternating", "xml-xdsl-simultaneous", "xml-hand-alternating", 0.60),
     ("XML simultaneous: xdsl / hand-written", "xml-xdsl-simultaneous", "xml-hand-simultaneous", 1.05),
     ("DML alternating: xdsl / hand-written", "dml-xdsl-alternating", "dml-hand-alternating", 1.05),
+    ("A/A control: hand-written / identical copy (noise floor)", "xml-hand-alternating",
+     "xml-hand-alternating-copy", None),
 ]
 
 _OPTIMIZERS = {  # spec text, the seeds' settings
@@ -317,10 +330,9 @@ def build_runners(cfg: Config, names: Sequence[str], device: torch.device, workd
     return runners
 
 
-def _twin(name: str) -> str | None:
-    experiment, who, order = VARIANTS[name]
-    other = f"{experiment}-{'hand' if who == 'xdsl' else 'xdsl'}-{order}"
-    return other if other in VARIANTS else None
+def _twin(name: str) -> str:
+    experiment, _, order = VARIANTS[name]
+    return f"{experiment}-hand-{order}"
 
 
 def verify(cfg: Config, device: torch.device, workdir: Path, x: Tensor, y: Tensor) -> list[dict[str, Any]]:
@@ -355,16 +367,32 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def time_interleaved(cfg: Config, runners: dict[str, Runner], x: Tensor, y: Tensor,
-                     device: torch.device) -> dict[str, list[float]]:
-    """Seconds per step, one sample per round per variant; the order rotates every round."""
-    sync = _sync(device)
-    for runner in runners.values():
+def warm_up(cfg: Config, runners: dict[str, Runner], x: Tensor, y: Tensor,
+            device: torch.device) -> dict[str, dict[str, int]]:
+    """`cfg.warmup` untimed steps per variant; under --compile, what each variant's warm-up compiled."""
+    compiled = {}
+    for name, runner in runners.items():
+        before = _dynamo_counts() if cfg.compile else None
         for _ in range(cfg.warmup):
             runner.step(x, y)
-    sync()
+        _sync(device)()
+        if before is not None:
+            after = _dynamo_counts()
+            compiled[name] = {k: after[k] - before[k] for k in after}
+    return compiled
+
+
+def time_interleaved(cfg: Config, runners: dict[str, Runner], x: Tensor, y: Tensor,
+                     device: torch.device) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(wall, CPU) seconds per step, one sample per round per variant; the order rotates every round.
+
+    CPU time is the process's (all threads): on a shared machine it is not inflated by time spent
+    waiting for a core, so its ratios are the steadier cross-check of the wall-time ones.
+    """
+    sync = _sync(device)
     names = list(runners)
     samples: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()  # as timeit does: a collection inside one variant's sample is noise, not its cost
@@ -374,15 +402,16 @@ def time_interleaved(cfg: Config, runners: dict[str, Runner], x: Tensor, y: Tens
             for name in names[k:] + names[:k]:
                 step = runners[name].step
                 sync()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for _ in range(cfg.steps):
                     step(x, y)
                 sync()
                 samples[name].append((time.perf_counter() - t0) / cfg.steps)
+                cpu[name].append((time.process_time() - c0) / cfg.steps)
     finally:
         if gc_was_enabled:
             gc.enable()
-    return samples
+    return samples, cpu
 
 
 def _rss_kib() -> tuple[int, int] | None:
@@ -463,9 +492,11 @@ def count_flops(runners: dict[str, Runner], x: Tensor, y: Tensor) -> dict[str, i
 
 
 def _dynamo_counts() -> dict[str, int]:
+    """Frames dynamo converted (each cache miss: a compile or a recompile), graphs captured, graph breaks."""
     from torch._dynamo.utils import counters
 
-    return {"frames_compiled": int(counters["frames"]["total"]), "graphs": int(counters["stats"]["unique_graphs"])}
+    return {"frames_compiled": int(counters["frames"]["total"]), "graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
 
 
 def _quantiles(values: Sequence[float]) -> tuple[float, float, float]:
@@ -572,17 +603,15 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda _: None) -> dict[s
             report["verification"] = verify(cfg, device, workdir, x, y)
         progress(f"building {len(cfg.variants)} variants")
         runners = build_runners(cfg, cfg.variants, device, workdir)
-        dynamo_before = _dynamo_counts() if cfg.compile else None
+        progress(f"warming up: {cfg.warmup} steps per variant" + (" (torch.compile compiles here)"
+                                                                 if cfg.compile else ""))
+        warm = warm_up(cfg, runners, x, y, device)
+        before = _dynamo_counts() if cfg.compile else None
         progress(f"timing: {cfg.rounds} rounds x {cfg.steps} steps per variant, interleaved")
-        samples = time_interleaved(cfg, runners, x, y, device)
-        if cfg.compile:
+        samples, cpu = time_interleaved(cfg, runners, x, y, device)
+        if before is not None:
             after = _dynamo_counts()
-            report["compile"] = {
-                "compiled_before_timing": dynamo_before,
-                "recompiles_during_timing": {k: after[k] - dynamo_before[k] for k in after},
-                "note": "torch._dynamo.utils.counters: frames converted and graphs captured; "
-                        "a non-zero count during timing is a recompilation inside the loop",
-            }
+            report["compile"] = {"warmup": warm, "during_timing": {k: after[k] - before[k] for k in after}}
         memory, memory_method = peak_memory(runners, x, y, device) if cfg.memory else ({}, None)
         flops = {}
         if cfg.flops:
@@ -593,6 +622,7 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda _: None) -> dict[s
     for name, values in samples.items():
         q1, med, q3 = _quantiles(values)
         row = {"median_s": med, "q1_s": q1, "q3_s": q3, "min_s": min(values), "max_s": max(values),
+               "cpu_median_s": statistics.median(cpu[name]),
                "samples": len(values), "steps_per_s": 1 / med, "samples_per_s": cfg.batch / med,
                "peak_mem_mib": memory.get(name), "flops_per_step": flops.get(name)}
         row["tflop_per_s"] = flops[name] / med / 1e12 if name in flops else None
@@ -602,10 +632,11 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda _: None) -> dict[s
     for label, num, den, target in RATIOS:
         if num not in samples or den not in samples:
             continue
-        per_round = [a / b for a, b in zip(samples[num], samples[den])]
-        q1, med, q3 = _quantiles(per_round)
+        q1, med, q3 = _quantiles([a / b for a, b in zip(samples[num], samples[den])])
+        cq1, cmed, cq3 = _quantiles([a / b for a, b in zip(cpu[num], cpu[den])])
         report["ratios"].append({"label": label, "numerator": num, "denominator": den, "median": med, "q1": q1,
-                                 "q3": q3, "target": target, "met": None if target is None else med <= target})
+                                 "q3": q3, "cpu_median": cmed, "cpu_q1": cq1, "cpu_q3": cq3, "target": target,
+                                 "met": None if target is None else med <= target})
     specs = cfg.specs if cfg.specs is not None else tuple(sorted(str(p.relative_to(ROOT))
                                                               for p in (ROOT / "specs").glob("*.xspec")))
     if specs:
@@ -650,28 +681,32 @@ def format_report(report: dict[str, Any]) -> str:
             status = f"equal ({v['checked']} tensors)" if v["equal"] else f"DIFFERENT: {v['error']}"
             lines.append(f"- {v['xdsl']} vs {v['hand']}: {status}")
         lines.append("")
-    lines += ["| variant | median ms/step | IQR ms | min-max ms | steps/s | samples/s | peak step mem MiB "
-              "| GFLOP/step | TFLOP/s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += ["| variant | median ms/step | IQR ms | min-max ms | CPU ms/step | steps/s | samples/s "
+              "| peak step mem MiB | GFLOP/step | TFLOP/s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in report["variants"].items():
         mem = "-" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.1f}"
         gflop = "-" if r["flops_per_step"] is None else f"{r['flops_per_step'] / 1e9:.3f}"
         tflops = "-" if r["tflop_per_s"] is None else f"{r['tflop_per_s']:.4f}"
         lines.append(f"| {name} | {_ms(r['median_s'])} | {_ms(r['q1_s'])}-{_ms(r['q3_s'])} | "
-                     f"{_ms(r['min_s'])}-{_ms(r['max_s'])} | {r['steps_per_s']:.1f} | {r['samples_per_s']:.0f} | "
+                     f"{_ms(r['min_s'])}-{_ms(r['max_s'])} | {_ms(r['cpu_median_s'])} | {r['steps_per_s']:.1f} | "
+                     f"{r['samples_per_s']:.0f} | "
                      f"{mem} | {gflop} | {tflops} |")
     if report.get("memory_method"):
         lines += ["", f"Peak step memory: {report['memory_method']}."]
     if report["ratios"]:
-        lines += ["", "| ratio (per round, side by side) | median | IQR | target | met |", "|---|---:|---:|---:|:-:|"]
+        lines += ["", "| ratio (per round, side by side) | wall median | wall IQR | CPU-time median | CPU-time IQR "
+                      "| target (wall) | met |", "|---|---:|---:|---:|---:|---:|:-:|"]
         for r in report["ratios"]:
             target = "-" if r["target"] is None else f"<= {r['target']:.2f}"
             met = "-" if r["met"] is None else ("yes" if r["met"] else "**no**")
-            lines.append(f"| {r['label']} | {r['median']:.3f} | {r['q1']:.3f}-{r['q3']:.3f} | {target} | {met} |")
+            lines.append(f"| {r['label']} | {r['median']:.3f} | {r['q1']:.3f}-{r['q3']:.3f} | {r['cpu_median']:.3f} | "
+                         f"{r['cpu_q1']:.3f}-{r['cpu_q3']:.3f} | {target} | {met} |")
     if report.get("compile"):
         c = report["compile"]
-        lines += ["", f"torch.compile: before timing {c['compiled_before_timing']}; "
-                      f"recompilations during timing {c['recompiles_during_timing']}."]
+        lines += ["", "torch.compile (torch._dynamo.utils.counters; frames = compiles + recompiles): "
+                      + "; ".join(f"{n} warm-up {v}" for n, v in c["warmup"].items())
+                      + f"; during timing {c['during_timing']} (non-zero = recompiling inside the loop)."]
     if report["spec_compile"]:
         lines += ["", "| spec -> graph (meta device) | parse+check s | build+cut+shapes+graph s | total s (warm) "
                       "| first call, fresh process s | target |", "|---|---:|---:|---:|---:|:-:|"]

@@ -8,7 +8,9 @@ previous one (`last.prev.pt`) is used instead.
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     except FileNotFoundError:
         raise XdslError(f"checkpoint '{path}' does not exist") from None
     except Exception as e:  # truncated zip, bad pickle, disallowed global
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(e)) if isinstance(e, pickle.UnpicklingError) else None
+        if blocked:  # weights_only=True met a reference to code, e.g. os.system in a __reduce__
+            raise XdslError(f"checkpoint '{path}' refers to the Python object {blocked.group(1)}; refused: "
+                            "checkpoints load with weights_only=True and hold only tensors and plain data",
+                            hint="only load checkpoints written by xdsl run (or a plain state_dict)") from None
         raise XdslError(f"checkpoint '{path}' is corrupted or not an xdsl checkpoint ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
 
