@@ -388,7 +388,7 @@ def test_head_adapter_is_a_byot_classifier() -> None:
 
 def test_adapter_options_are_checked() -> None:
     assert {"identity", "conv1x1", "conv3x3", "linear", "head", "regressor"} <= set(ADAPTERS.names())
-    assert adapter_params("conv1x1") == {"relu": False, "bn": False}
+    assert adapter_params("conv1x1") == {"relu": False, "bn": False, "channels": None}
     assert adapter_params("head")["reduction"] == 4
     shape = torch.Size([2, 8, 4, 4])
     with pytest.raises(XdslError) as err:
@@ -400,3 +400,11 @@ def test_adapter_options_are_checked() -> None:
         make_adapter("conv1x2", {}, shape, shape, None)
     assert err.value.hint == "did you mean 'conv1x1'?"
     assert joinable((5, 128, 8, 8), (2, 128, 8, 8)) and not joinable((5, 128, 8, 8), (5, 512, 8, 8))
+
+
+def test_conv_adapter_channels_option_sets_the_width_of_a_chain() -> None:
+    shape = torch.Size([2, 8, 4, 4])
+    widen = make_adapter("conv1x1", {"channels": 32}, shape, None, None)
+    assert widen(torch.randn(shape)).shape == (2, 32, 4, 4)
+    with pytest.raises(XdslError, match="channels=32, but what follows it has 8 channels"):
+        make_adapter("conv1x1", {"channels": 32}, shape, shape, None)

@@ -19,7 +19,7 @@ from xdsl.compile.cut import cut_model
 from xdsl.compile.graph import build_graph, path_node
 from xdsl.compile.shapes import infer_shapes
 from xdsl.data.params import resolve_spec_path
-from xdsl.errors import SpecError, XdslError
+from xdsl.errors import SpecError, SpecErrors, XdslError
 from xdsl.lang import ir
 from xdsl.lang.check import WHOLE
 
@@ -95,14 +95,8 @@ def _build_networks(program: ir.Program, device: str, spec_dir: Path | None,
         else:
             parts[name] = nn.ModuleDict({WHOLE: model})
     if errors:
-        raise errors[0] if len(errors) == 1 else SpecErrorsOf(errors)
+        raise errors[0] if len(errors) == 1 else SpecErrors(errors)
     return networks, parts
-
-
-def SpecErrorsOf(errors: list[SpecError]):  # noqa: N802 - reads as a constructor
-    from xdsl.errors import SpecErrors
-
-    return SpecErrors(errors)
 
 
 def _natural_path(program: ir.Program, net: str, upto: int | None = None) -> ir.Path:
