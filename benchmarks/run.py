@@ -33,7 +33,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -98,6 +98,7 @@ class Config:
     device: str = "cpu"                   # cpu | cuda | cuda:N
     compile: bool = False                 # torch.compile both sides (xdsl: the generated objectives)
     amp: str = "none"                     # none | bf16 (autocast on both sides)
+    channels_last: bool = False           # NHWC weights and batch on both sides (what `xdsl run` does on CUDA)
     threads: int = 1                      # CPU threads: 1 keeps a shared 2-core machine repeatable
     steps: int = 5                        # optimisation steps per timed sample
     rounds: int = 20                      # timed samples per variant (round-robin)
@@ -202,6 +203,9 @@ class HandWritten:
                  device: torch.device):
         self.names = list(networks)
         self.nets = [copy.deepcopy(networks[n]) for n in self.names]
+        if cfg.channels_last:
+            for net in self.nets:
+                net.to(memory_format=torch.channels_last)
         self.experiment, self.order = experiment, order
         self.params = [list(n.parameters()) for n in self.nets]
         self.opts = [_hand_optimizer(cfg.optimizer, p, device) for p in self.params]
@@ -313,7 +317,8 @@ def _experiment(cfg: Config, experiment: str, order: str, device: torch.device, 
     path.write_text(spec_text(cfg, experiment, order))
     torch.manual_seed(cfg.seed)  # both sides start from these weights
     compiled = compile_program(path, device=device)
-    return Experiment(compiled, compile_mode="default" if cfg.compile else None, amp=_AMP[cfg.amp])
+    return Experiment(compiled, compile_mode="default" if cfg.compile else None, amp=_AMP[cfg.amp],
+                      channels_last=cfg.channels_last)
 
 
 def build_runners(cfg: Config, names: Sequence[str], device: torch.device, workdir: Path) -> dict[str, Runner]:
@@ -595,6 +600,8 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda _: None) -> dict[s
     g = torch.Generator().manual_seed(cfg.seed + 1)
     x = torch.randn(cfg.batch, *cfg.input_shape(), generator=g).to(device)
     y = torch.randint(0, cfg.classes, (cfg.batch,), generator=g).to(device)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     report: dict[str, Any] = {"config": _config_dict(cfg), "machine": machine_info(device)}
     with tempfile.TemporaryDirectory(prefix="xdsl-bench-") as tmp:
         workdir = Path(tmp)
@@ -615,9 +622,11 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda _: None) -> dict[s
         memory, memory_method = peak_memory(runners, x, y, device) if cfg.memory else ({}, None)
         flops = {}
         if cfg.flops:
-            progress("counting FLOPs (eager copies)")
-            eager = replace(cfg, compile=False)
-            flops = count_flops(build_runners(eager, cfg.variants, device, workdir), x, y)
+            progress("counting FLOPs" + (" (on eager copies: compiled kernels bypass the counter)"
+                                         if cfg.compile else ""))
+            counted = build_runners(replace(cfg, compile=False), cfg.variants, device, workdir) if cfg.compile \
+                else runners
+            flops = count_flops(counted, x, y)
     report["variants"] = {}
     for name, values in samples.items():
         q1, med, q3 = _quantiles(values)
@@ -636,7 +645,8 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda _: None) -> dict[s
         cq1, cmed, cq3 = _quantiles([a / b for a, b in zip(cpu[num], cpu[den])])
         report["ratios"].append({"label": label, "numerator": num, "denominator": den, "median": med, "q1": q1,
                                  "q3": q3, "cpu_median": cmed, "cpu_q1": cq1, "cpu_q3": cq3, "target": target,
-                                 "met": None if target is None else med <= target})
+                                 "met": None if target is None else med <= target,
+                                 "flop_ratio": flops[num] / flops[den] if num in flops and den in flops else None})
     specs = cfg.specs if cfg.specs is not None else tuple(sorted(str(p.relative_to(ROOT))
                                                               for p in (ROOT / "specs").glob("*.xspec")))
     if specs:
@@ -667,7 +677,9 @@ def _ms(v: float | None) -> str:
 def format_report(report: dict[str, Any]) -> str:
     """Markdown tables of a `run` report (what BENCHMARKS.md shows)."""
     cfg, m = report["config"], report["machine"]
-    mode = f"{cfg['device']} {'torch.compile' if cfg['compile'] else 'eager'} {cfg['amp'] if cfg['amp'] != 'none' else 'fp32'}"
+    precision = cfg["amp"] if cfg["amp"] != "none" else "fp32"
+    mode = f"{cfg['device']} {'torch.compile' if cfg['compile'] else 'eager'} {precision}" \
+        + (" channels_last" if cfg["channels_last"] else "")
     shape = "x".join(map(str, cfg["input"]))
     lines = [f"### {cfg['model']}, input {shape}, batch {cfg['batch']}, {cfg['optimizer']}, {mode}, "
              f"{cfg['threads']} thread(s)",
@@ -696,12 +708,13 @@ def format_report(report: dict[str, Any]) -> str:
         lines += ["", f"Peak step memory: {report['memory_method']}."]
     if report["ratios"]:
         lines += ["", "| ratio (per round, side by side) | wall median | wall IQR | CPU-time median | CPU-time IQR "
-                      "| target (wall) | met |", "|---|---:|---:|---:|---:|---:|:-:|"]
+                      "| FLOP ratio | target (wall) | met |", "|---|---:|---:|---:|---:|---:|---:|:-:|"]
         for r in report["ratios"]:
             target = "-" if r["target"] is None else f"<= {r['target']:.2f}"
             met = "-" if r["met"] is None else ("yes" if r["met"] else "**no**")
+            flop = "-" if r["flop_ratio"] is None else f"{r['flop_ratio']:.3f}"
             lines.append(f"| {r['label']} | {r['median']:.3f} | {r['q1']:.3f}-{r['q3']:.3f} | {r['cpu_median']:.3f} | "
-                         f"{r['cpu_q1']:.3f}-{r['cpu_q3']:.3f} | {target} | {met} |")
+                         f"{r['cpu_q1']:.3f}-{r['cpu_q3']:.3f} | {flop} | {target} | {met} |")
     if report.get("compile"):
         c = report["compile"]
         lines += ["", "torch.compile (torch._dynamo.utils.counters; frames = compiles + recompiles): "
@@ -744,6 +757,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=d.device, help="cpu | cuda | cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile both sides")
     p.add_argument("--amp", choices=list(_AMP), default=d.amp, help="autocast dtype on both sides")
+    p.add_argument("--channels-last", action="store_true", help="NHWC weights and batch on both sides")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
     p.add_argument("--steps", type=int, default=d.steps, help="steps per timed sample")
     p.add_argument("--rounds", type=int, default=d.rounds, help="timed samples per variant")
@@ -767,6 +781,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     specs = None if args.specs is None else (() if args.specs == "none" else tuple(args.specs.split(",")))
     cfg = Config(model=args.model, input=args.input, batch=args.batch, classes=args.classes, width=args.width,
                  depth=args.depth, optimizer=args.optimizer, device=args.device, compile=args.compile, amp=args.amp,
+                 channels_last=args.channels_last,
                  threads=args.threads, steps=args.steps, rounds=args.rounds, warmup=args.warmup,
                  variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()), seed=args.seed,
                  verify=not args.no_verify, memory=not args.no_memory, flops=not args.no_flops, specs=specs,

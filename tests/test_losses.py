@@ -20,7 +20,7 @@ B, K = 6, 7
 
 EXPECTED = {
     "ce", "kl", "kd", "ce_soft", "entropy", "cwtm", "dkpp", "dkd",
-    "l2", "mse", "l1", "cosine", "hint", "at",
+    "l2", "mse", "l1", "cosine", "hint", "at", "sp", "pkt", "rkd", "nst", "dist",
 }  # fmt: skip
 
 

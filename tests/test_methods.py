@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import xdsl
+from xdsl import losses
 from xdsl.compile.adapters import make_adapter
 from xdsl.errors import SpecError
 from xdsl.experiment import compile_program
@@ -163,7 +164,9 @@ def test_byot_objective_is_ce_on_every_classifier_plus_kl_and_feature_hints(tmp_
     assert feats[0].shape == deepest.shape == (16, 32)  # the bottleneck matches the deepest features
     expected = F.cross_entropy(logits, y)
     for feat, head in zip(feats, heads):
-        expected = expected + 0.7 * F.cross_entropy(head, y) + 0.3 * _kl(logits, head, 3.0)
+        p_t, logp = torch.softmax(logits.detach() / 3.0, -1), torch.log_softmax(head / 3.0, -1)
+        kl_no_t2 = (p_t * (p_t.log() - logp)).sum(-1).mean()  # BYOT's soft loss has no T^2 factor
+        expected = expected + 0.7 * F.cross_entropy(head, y) + 0.3 * kl_no_t2
         expected = expected + 0.01 * (feat - deepest.detach()).pow(2).sum(1).mean()
     torch.testing.assert_close(exp.objectives(x, y)["net"], expected)
 
@@ -351,7 +354,9 @@ network student = builtin.cnn(num_classes=10, in_channels=1, width=4)
 cut teacher, student at "layer1", "layer2" into g1, g2, head
 adapter reg = regressor(kernel=3, bn=true) owner student
 train fitnets { minimize ce(student, y) + 100 * hint(student.g2 >> reg, teacher.g2) wrt student }
-train attention { minimize ce(student, y) + 500 * (at(student.g1, teacher.g1) + at(student.g2, teacher.g2)) wrt student }
+train attention {
+    minimize ce(student, y) + 500 * (at(student.g1, teacher.g1) + at(student.g2, teacher.g2)) wrt student
+}
 """
 
 
@@ -422,3 +427,116 @@ train pre { minimize ce(t, y) wrt t }
     assert reparsed == expanded
     program = check(reparsed)
     assert program.stages[-1].objectives and program.stages[0].name == "pre"
+
+
+def test_dml_e_has_the_gradient_of_dml_so_the_two_train_identically(tmp_path):
+    """KL(mean_t p_t || p_s) and mean_t KL(p_t || p_s) differ by a term constant in s (the peers' entropies):
+    the paper's DML_e (its Eq. 11, the peers' averaged probabilities as the teacher) updates exactly like DML."""
+    exp = xdsl.load(_write(tmp_path, COHORT + 'dml(a, b, c)\ndml(a, b, c, teacher="ensemble", name=dml_e)\n'))
+    x, y = _batch()
+    out = {}
+    for stage in ("dml", "dml_e"):
+        exp.use_stage(stage)
+        loss = exp.objectives(x, y)["a"]
+        out[stage] = (loss.detach(), torch.autograd.grad(loss, exp.owned_params("a")))
+    assert not torch.isclose(out["dml"][0], out["dml_e"][0])
+    for g, h in zip(out["dml"][1], out["dml_e"][1]):
+        torch.testing.assert_close(g, h)
+
+
+# ------------------------------------------------------------------------------------------ relation losses
+# The primitives behind methods of torchdistill's / mdistiller's lists, against their reference code's form.
+
+
+def _feat_pair(seed: int, s_shape=(6, 4, 4, 4), t_shape=(6, 8, 4, 4)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*s_shape, generator=g, requires_grad=True), torch.randn(*t_shape, generator=g,
+                                                                                 requires_grad=True)
+
+
+def _sp_reference(f_s, f_t):
+    b = f_s.shape[0]
+    g_s = F.normalize(torch.mm(f_s.view(b, -1), f_s.view(b, -1).t()))
+    g_t = F.normalize(torch.mm(f_t.view(b, -1), f_t.view(b, -1).t()))
+    return ((g_t - g_s) * (g_t - g_s)).view(-1, 1).sum(0)[0] / (b * b)
+
+
+def _pkt_reference(s, t, eps=1e-7):
+    s = s / (torch.sqrt((s**2).sum(1, keepdim=True)) + eps)
+    t = t / (torch.sqrt((t**2).sum(1, keepdim=True)) + eps)
+    ms, mt = (s @ s.t() + 1.0) / 2.0, (t @ t.t() + 1.0) / 2.0
+    ms, mt = ms / ms.sum(1, keepdim=True), mt / mt.sum(1, keepdim=True)
+    return torch.mean(mt * torch.log((mt + eps) / (ms + eps)))
+
+
+def _pdist_reference(e, eps=1e-12):
+    sq = e.pow(2).sum(1)
+    res = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2 * e @ e.t()).clamp(min=eps).sqrt().clone()
+    res[range(len(e)), range(len(e))] = 0
+    return res
+
+
+def _rkd_reference(s, t):
+    t_d = _pdist_reference(t)
+    t_d = t_d / t_d[t_d > 0].mean()
+    d = _pdist_reference(s)
+    d = d / d[d > 0].mean()
+    td = F.normalize(t.unsqueeze(0) - t.unsqueeze(1), p=2, dim=2)
+    sd = F.normalize(s.unsqueeze(0) - s.unsqueeze(1), p=2, dim=2)
+    t_angle = torch.bmm(td, td.transpose(1, 2)).view(-1)
+    s_angle = torch.bmm(sd, sd.transpose(1, 2)).view(-1)
+    return 25 * F.smooth_l1_loss(d, t_d) + 50 * F.smooth_l1_loss(s_angle, t_angle)
+
+
+def _nst_reference(f_s, f_t):
+    def poly(a, b):
+        return (a.unsqueeze(1) * b.unsqueeze(2)).sum(-1).pow(2)
+
+    f_s = F.normalize(f_s.view(f_s.shape[0], f_s.shape[1], -1), dim=2)
+    f_t = F.normalize(f_t.view(f_t.shape[0], f_t.shape[1], -1), dim=2)
+    return poly(f_t, f_t).mean() + poly(f_s, f_s).mean() - 2 * poly(f_s, f_t).mean()
+
+
+def _dist_reference(z_s, z_t, beta, gamma, tau):
+    def pearson_gap(a, b):
+        a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+        return 1 - ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)).mean()
+
+    y_s, y_t = (z_s / tau).softmax(1), (z_t / tau).softmax(1)
+    return tau**2 * (beta * pearson_gap(y_s, y_t) + gamma * pearson_gap(y_s.t(), y_t.t()))
+
+
+@pytest.mark.parametrize("name", ["sp", "pkt", "rkd", "nst"])
+def test_relation_feature_losses_match_their_reference_form_and_detach_the_teacher(name):
+    s, t = _feat_pair(0)
+    if name in ("pkt", "rkd"):  # applied to pooled (B, D) features
+        s, t = (torch.randn(6, 16, generator=torch.Generator().manual_seed(i), requires_grad=True) for i in (1, 2))
+    ref = {"sp": _sp_reference, "pkt": _pkt_reference, "rkd": _rkd_reference, "nst": _nst_reference}[name]
+    value = getattr(losses, name)(s, t)
+    torch.testing.assert_close(value, ref(s, t.detach()))
+    value.backward()
+    assert t.grad is None and s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+def test_dist_matches_its_reference_form():
+    g = torch.Generator().manual_seed(3)
+    z_s, z_t = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g)
+    expected = _dist_reference(z_s, z_t, 2.0, 0.5, 4.0)
+    torch.testing.assert_close(losses.dist(z_t, z_s, beta=2.0, gamma=0.5, T=4.0), expected)
+    assert float(losses.dist(z_s, z_s)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_relation_losses_are_one_line_of_a_spec(tmp_path):
+    text = FEATURES.split("train fitnets")[0] + (
+        "train relations { minimize ce(student, y) + 3000 * sp(student.g2, teacher.g2) + 50 * nst(student.g2, "
+        "teacher.g2) + rkd(student.g1, teacher.g1) + 30000 * pkt(student.g1, teacher.g1) "
+        "+ dist(teacher, student, beta=2, gamma=2) wrt student }\n")
+    exp = xdsl.load(_write(tmp_path, text))
+    x, y = _batch()
+    t, s = exp.parts["teacher"], exp.parts["student"]
+    t1, s1 = t["g1"](x), s["g1"](x)
+    t2, s2 = t["g2"](t1), s["g2"](s1)
+    zt, zs = t["head"](t2), s["head"](s2)
+    expected = (F.cross_entropy(zs, y) + 3000 * losses.sp(s2, t2) + 50 * losses.nst(s2, t2) + losses.rkd(s1, t1)
+                + 30000 * losses.pkt(s1, t1) + losses.dist(zt, zs, beta=2.0, gamma=2.0))
+    torch.testing.assert_close(exp.objectives(x, y)["student"], expected)

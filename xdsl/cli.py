@@ -181,6 +181,21 @@ def eval_cmd(spec: Path = SpecArg,
         _fail(e)
 
 
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                        "help_option_names": []})
+def bench_cmd(ctx: typer.Context) -> None:
+    """Time xdsl's training steps against hand-written PyTorch (options: `xdsl bench --help`; see BENCHMARKS.md).
+
+    The harness lives in the repository's `benchmarks/` package, so run this from a checkout.
+    """
+    try:
+        from benchmarks.run import main as bench_main
+    except ImportError:
+        _fail(XdslError("the benchmark harness is not importable",
+                        hint="run `xdsl bench` (or `python -m benchmarks.run`) from the root of an xdsl checkout"))
+    bench_main(list(ctx.args))
+
+
 def main() -> None:
     """Entry point of the `xdsl` script."""
     app()

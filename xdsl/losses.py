@@ -50,6 +50,11 @@ __all__ = [
     "cosine",
     "hint",
     "at",
+    "sp",
+    "pkt",
+    "rkd",
+    "nst",
+    "dist",
 ]
 
 
@@ -153,7 +158,7 @@ def loss_signature(name: str) -> LossSpec:
 
 def _target(x: Tensor, grad: bool) -> Tensor:
     """Teacher/target side: gradients flow into it only when asked for."""
-    return x if grad else x.detach()
+    return x if grad or not x.requires_grad else x.detach()
 
 
 def softmax_entropy(logits: Tensor) -> Tensor:
@@ -186,6 +191,8 @@ def kl(target: Tensor, p: Tensor, T: float = 1.0, grad: bool = False) -> Tensor:
     Use: ``kl(t, s, T=4)`` - ``s`` learns to match ``t``.
     """
     t = _target(target, grad)
+    if T == 1:  # same value (x / 1 and x * 1 are exact), three fewer ops per call in the common case
+        return F.kl_div(F.log_softmax(p, dim=1), F.log_softmax(t, dim=1), reduction="batchmean", log_target=True)
     return F.kl_div(
         F.log_softmax(p / T, dim=1), F.log_softmax(t / T, dim=1), reduction="batchmean", log_target=True
     ) * (T * T)
@@ -400,3 +407,110 @@ def at(student_feat: Tensor, teacher_feat: Tensor, p: float = 2.0) -> Tensor:
     """
     s, t = _common_spatial(student_feat, teacher_feat.detach())
     return (_attention(s, p) - _attention(t, p)).pow(2).mean()
+
+
+# ------------------------------------------------------------------------ relations between samples
+# Methods of torchdistill's and mdistiller's lists that are one loss term away (weights as in mdistiller:
+# ``3000 * sp(...)``, ``30000 * pkt(...)``, ``rkd(...)``, ``50 * nst(...)``, ``dist(...)``).
+
+
+@_primitive(student_feat="features", teacher_feat="features")
+def sp(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """Similarity-preserving KD (Tung & Mori 2019): match the batch's row-normalised Gram matrices.
+
+    ``G = normalize_rows(F F^T)`` of the flattened features; loss ``= ||G_t - G_s||_F^2 / B^2``.
+    Teacher detached; channel counts and sizes may differ. Use: ``sp(s.layer3, t.layer3)`` (weight 3000).
+    """
+    s, t = student_feat.flatten(1), teacher_feat.detach().flatten(1)
+    g_s, g_t = F.normalize(s @ s.t(), dim=1), F.normalize(t @ t.t(), dim=1)
+    return (g_t - g_s).pow(2).sum() / (s.shape[0] * s.shape[0])
+
+
+def _cosine_affinity(f: Tensor, eps: float) -> Tensor:
+    """PKT's conditional probabilities: cosine similarities scaled to [0, 1], rows summing to 1."""
+    f = f / (f.norm(dim=1, keepdim=True) + eps)
+    sim = (f @ f.t() + 1.0) / 2.0
+    return sim / sim.sum(dim=1, keepdim=True)
+
+
+@_primitive(student_feat="features", teacher_feat="features")
+def pkt(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """Probabilistic knowledge transfer (Passalis & Tefas 2018): KL between cosine-affinity distributions.
+
+    ``mean_ij q_t,ij log((q_t,ij + eps) / (q_s,ij + eps))`` with eps = 1e-7 (mdistiller's form: the
+    mean, not the sum, over the B x B entries). Teacher detached. Use: ``pkt(s.pool, t.pool)`` (weight 30000).
+    """
+    eps = 1e-7
+    q_s = _cosine_affinity(student_feat.flatten(1), eps)
+    q_t = _cosine_affinity(teacher_feat.detach().flatten(1), eps)
+    return (q_t * torch.log((q_t + eps) / (q_s + eps))).mean()
+
+
+def _normalized_distances(e: Tensor) -> Tensor:
+    """Pairwise Euclidean distances divided by their mean over the off-diagonal pairs (RKD)."""
+    sq = e.pow(2).sum(dim=1)
+    d = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * e @ e.t()).clamp(min=1e-12).sqrt()
+    n = e.shape[0]
+    off = 1.0 - torch.eye(n, dtype=e.dtype, device=e.device)
+    d = d * off
+    return d / (d.sum() / (n * (n - 1)))
+
+
+def _angles(e: Tensor) -> Tensor:
+    """Cosines of the angles at every sample j between the directions to samples i and k (RKD)."""
+    diff = F.normalize(e.unsqueeze(0) - e.unsqueeze(1), p=2, dim=2)
+    return torch.bmm(diff, diff.transpose(1, 2)).flatten()
+
+
+@_primitive(student_feat="features", teacher_feat="features", distance="number", angle="number",
+            constraints={"distance": _NONNEG, "angle": _NONNEG})
+def rkd(student_feat: Tensor, teacher_feat: Tensor, distance: float = 25.0, angle: float = 50.0) -> Tensor:
+    """Relational KD (Park et al. 2019): distance-wise and angle-wise relations of the batch.
+
+    ``distance * smooth_l1(psi_D(s), psi_D(t)) + angle * smooth_l1(psi_A(s), psi_A(t))``, psi_D the pairwise
+    distances over their mean, psi_A the cosines of all triplet angles (mdistiller's weights 25 and 50).
+    Teacher detached; feature sizes may differ. Use: ``rkd(s.pool, t.pool)``.
+    """
+    s, t = student_feat.flatten(1), teacher_feat.detach().flatten(1)
+    loss_d = F.smooth_l1_loss(_normalized_distances(s), _normalized_distances(t))
+    loss_a = F.smooth_l1_loss(_angles(s), _angles(t))
+    return distance * loss_d + angle * loss_a
+
+
+def _poly_mmd_kernel(a: Tensor, b: Tensor) -> Tensor:
+    """Mean over pairs of channels of (a_i . b_j)^2 (NST's degree-2 polynomial kernel)."""
+    return torch.bmm(a, b.transpose(1, 2)).pow(2).mean()
+
+
+@_primitive(student_feat="features", teacher_feat="features")
+def nst(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
+    """Neuron selectivity transfer (Huang & Wang 2017): MMD of channel activation maps, polynomial kernel.
+
+    Each channel's map is flattened and L2-normalised; loss ``= k(t, t) + k(s, s) - 2 k(s, t)`` with
+    ``k`` the mean squared inner product over channel pairs. Teacher detached; if spatial sizes differ
+    the larger map is average-pooled to the smaller. Use: ``nst(s.layer3, t.layer3)`` (weight 50).
+    """
+    s, t = _common_spatial(student_feat, teacher_feat.detach())
+    s = F.normalize(s.flatten(2), dim=2)
+    t = F.normalize(t.flatten(2), dim=2)
+    return _poly_mmd_kernel(t, t) + _poly_mmd_kernel(s, s) - 2.0 * _poly_mmd_kernel(s, t)
+
+
+def _pearson_gap(a: Tensor, b: Tensor) -> Tensor:
+    """1 - mean over rows of the Pearson correlation of a's and b's rows (eps 1e-8 as in DIST's code)."""
+    a = a - a.mean(dim=1, keepdim=True)
+    b = b - b.mean(dim=1, keepdim=True)
+    return 1.0 - ((a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)).mean()
+
+
+@_primitive(teacher="logits", p="logits", beta="number", gamma="number", T="number",
+            constraints={"beta": _NONNEG, "gamma": _NONNEG, "T": _POSITIVE})
+def dist(teacher: Tensor, p: Tensor, beta: float = 1.0, gamma: float = 1.0, T: float = 1.0) -> Tensor:
+    """DIST (Huang et al. 2022): Pearson-correlation relations of the predictions, inter- and intra-class.
+
+    With ``y = softmax(z / T)``: ``T^2 * (beta * (1 - corr over classes, per sample) + gamma * (1 - corr
+    over the batch, per class))``. Teacher detached. Use: ``dist(t, s, beta=2, gamma=2)`` (plus ``ce(s, y)``).
+    """
+    y_s = F.softmax(p / T, dim=1)
+    y_t = F.softmax(teacher.detach() / T, dim=1)
+    return (T * T) * (beta * _pearson_gap(y_s, y_t) + gamma * _pearson_gap(y_s.t(), y_t.t()))

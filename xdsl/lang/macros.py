@@ -79,7 +79,11 @@ def independent(call: ast.MacroCall, kw: dict[str, str]) -> str:
 def dml(call: ast.MacroCall, kw: dict[str, str]) -> str:
     """Deep Mutual Learning (seed 002; seed 000 code): 0.5 CE + 0.5 mean KL to each peer.
 
-    teacher="ensemble" gives DML_e: the peers' averaged prediction is the single teacher.
+    teacher="ensemble" gives DML_e: the peers' averaged prediction is the single teacher. Note that
+    mean_t KL(p_t || p_s) - KL(mean_t p_t || p_s) = H(mean_t p_t) - mean_t H(p_t), which does not depend on s:
+    DML_e as the paper defines it (its Eq. 11) has DML's gradient and trains identically; only the loss
+    value differs (tested). A gap between them can only come from run-to-run noise or another ensemble
+    (e.g. averaged logits, which is sharper).
     """
     nets = _networks(call, 2)
     name = kw.get("name", "dml")
@@ -157,13 +161,14 @@ def byot(call: ast.MacroCall, kw: dict[str, str], spec: ast.Spec) -> str:
     "layer2", "pool"; torchvision ResNets at "layer1", "layer2", "layer3", "avgpool"). Head i is two
     adapters owned by the network, `<net>_neck<i> = bottleneck()` (features, shaped like the deepest
     features) and `<net>_fc<i> = classifier()`, so `net.p<i> >> <net>_neck<i>` is head i's feature path
-    and `net.p<i> >> <net>_neck<i> >> <net>_fc<i>` its logits. Loss (as the authors' code):
+    and `net.p<i> >> <net>_neck<i> >> <net>_fc<i>` its logits. Loss (the paper's; T=3, alpha=0.3 are the
+    authors' released code):
 
-        ce(net, y) + sum_i [ (1 - alpha) ce(head_i, y) + alpha kl(net, head_i, T) + beta l2(feat_i, deepest) ]
+        ce(net, y) + sum_i [ (1 - alpha) ce(head_i, y) + alpha KL_T(net || head_i) + beta l2(feat_i, deepest) ]
 
-    The deepest classifier (the network's own output) and its features are detached targets; `kl`
-    includes the T^2 factor (the authors' code omits it: their alpha is ours times T^2). beta=0 drops
-    the feature hints.
+    The deepest classifier (the network's own output) and its features are detached targets. KL_T is
+    written `kl(...) / (T * T)`: `kl` carries Hinton's T^2 factor, BYOT's soft loss does not. The hint is
+    `l2` (squared distance summed over features, batch mean); beta=0 drops it (the released code has none).
     """
     nets = _networks(call, 1)
     if len(nets) != 1:
@@ -187,7 +192,7 @@ def byot(call: ast.MacroCall, kw: dict[str, str], spec: ast.Spec) -> str:
                   f"adapter {fc} = classifier() owner {net}"]
         feat = f"{net}.{part} >> {neck}"
         logits = f"{feat} >> {fc}"
-        terms += [f"(1 - {alpha}) * ce({logits}, y)", f"{alpha} * kl({net}, {logits}, T={T})"]
+        terms += [f"(1 - {alpha}) * ce({logits}, y)", f"{alpha} * kl({net}, {logits}, T={T}) / ({T} * {T})"]
         if hints:
             terms.append(f"{beta} * l2({feat}, {deepest}, grad=false)")
     after = f" after {kw['after']}" if "after" in kw else ""

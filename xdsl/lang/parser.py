@@ -288,6 +288,10 @@ def parse_file(path: str | Path) -> ast.Spec:
         register_source(str(path), "")  # so the error message does not read the file again to quote it
         raise SpecError(f"spec is larger than the limit of {MAX_SPEC_BYTES:,} bytes", Pos(str(path), 1, 1),
                         hint="a spec is a page of text; is this the right file?")
+    if b"\x00" in data:  # say "binary" before a decoding error about some other byte can
+        register_source(str(path), "")
+        line = data[: data.index(b"\x00")].count(b"\n") + 1
+        raise SpecError("spec contains a NUL byte: is this a binary file?", Pos(str(path), line, 1))
     bom = 3 if data.startswith(b"\xef\xbb\xbf") else 0  # a byte-order mark (Windows editors) is not spec text
     try:
         text = data[bom:].decode("utf-8")
@@ -313,8 +317,8 @@ def _syntax_error(e: UnexpectedInput, text: str, file: str) -> SpecError:
         what = f"'{e.token}'" if found not in ("NAME", "NUMBER", "STRING") else \
             f"{_describe(found).removeprefix('a ')} '{e.token}'"
         hint = None
-        if found == "NAME" and str(e.token) in _keywords():
-            hint = f"'{e.token}' is a reserved word"
+        if str(e.token) in _keywords() and "NAME" in (e.accepts or e.expected):
+            hint = f"'{e.token}' is a reserved word; choose another name"
         return SpecError(f"unexpected {what}; {_expected(e.accepts or e.expected)}", Pos(file, line, col), hint)
     if isinstance(e, UnexpectedCharacters):
         char = text[e.pos_in_stream] if e.pos_in_stream < len(text) else "?"

@@ -69,8 +69,9 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             raise XdslError(f"checkpoint '{path}' refers to the Python object {blocked.group(1)}; refused: "
                             "checkpoints load with weights_only=True and hold only tensors and plain data",
                             hint="only load checkpoints written by xdsl run (or a plain state_dict)") from None
-        raise XdslError(f"checkpoint '{path}' is corrupted or not an xdsl checkpoint ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        detail = "not a PyTorch file" if isinstance(e, pickle.UnpicklingError) else \
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        raise XdslError(f"checkpoint '{path}' is truncated, corrupted or not an xdsl checkpoint ({detail})") from None
 
 
 def load_latest(path: Path, map_location: str | torch.device = "cpu",

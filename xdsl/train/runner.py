@@ -99,7 +99,11 @@ class _Logger:
         self.rows: list[dict[str, Any]] = []
         path = out / "metrics.jsonl"
         if resume and path.exists():
-            self.rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            for line in path.read_text().splitlines():
+                try:
+                    self.rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut short by a kill; its epoch is redone
+                    pass
         self.tb = None
         if not enabled:
             return
@@ -211,6 +215,7 @@ def _train_stage(exp, stage: ir.Stage, bundle, out: Path, logger: _Logger, opts:
     if state is not None:
         if state.get("done") and final_path.exists():
             root.load_state_dict(load_checkpoint(final_path, device)["modules"])
+            set_rng_state(state["rng"])  # later blocks draw what they drew in the uninterrupted run
             logger.console.print(f"[dim]train {stage.name}: already finished, skipped[/]")
             return state["best"]
         root.load_state_dict(state["modules"])
@@ -224,6 +229,8 @@ def _train_stage(exp, stage: ir.Stage, bundle, out: Path, logger: _Logger, opts:
         exp.step_count = state["step_count"]
         logger.truncate(stage.name, start_epoch)
         logger.console.print(f"[dim]train {stage.name}: resumed at epoch {start_epoch + 1}, batch {skip_batches}[/]")
+    elif opts.resume:
+        logger.truncate(stage.name, 0)  # killed before its first checkpoint: the block's rows are redone
 
     def save(epoch: int, batch: int, done: bool = False) -> None:
         if opts.rank != 0:

@@ -1,0 +1,67 @@
+"""The benchmark harness runs end to end on tiny models and produces its report (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.run import RATIOS, VARIANTS, Config, main, run
+
+TINY = ["--width", "4", "--batch", "4", "--steps", "1", "--rounds", "2", "--warmup", "1",
+        "--specs", "specs/quickstart.xspec", "--spec-repeats", "1", "--no-cold"]
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    """One tiny run of every variant through the command-line entry point, with its JSON and markdown."""
+    out = tmp_path_factory.mktemp("bench") / "report.json"
+    import contextlib
+    import io
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        returned = main([*TINY, "--json", str(out)])
+    return returned, json.loads(out.read_text()), text.getvalue()
+
+
+def test_report_has_every_variant_with_times_memory_and_flops(bench):
+    _, report, _ = bench
+    assert set(report["variants"]) == set(VARIANTS)
+    for name, row in report["variants"].items():
+        assert row["samples"] == 2, name
+        assert 0 < row["q1_s"] <= row["median_s"] <= row["q3_s"], name
+        assert row["steps_per_s"] == pytest.approx(1 / row["median_s"])
+        assert row["samples_per_s"] == pytest.approx(4 / row["median_s"])
+        assert row["peak_mem_mib"] is not None and row["flops_per_step"] > 0, name
+    # the same computation on both sides: equal FLOPs per step
+    flops = {n: r["flops_per_step"] for n, r in report["variants"].items()}
+    assert flops["xml-xdsl-alternating"] == flops["xml-hand-alternating"]
+    assert flops["xml-xdsl-simultaneous"] < flops["xml-hand-alternating"]  # one shared forward
+
+
+def test_xdsl_and_hand_written_steps_were_verified_equal(bench):
+    _, report, _ = bench
+    checked = {v["xdsl"]: v for v in report["verification"]}
+    assert set(checked) == {n for n, v in VARIANTS.items() if v.author == "xdsl"}
+    for name, v in checked.items():
+        assert v["equal"], f"{name}: {v['error']}"
+        assert v["checked"] > 0
+
+
+def test_ratios_and_spec_compile_times_are_reported(bench):
+    returned, report, text = bench
+    assert [r["label"] for r in report["ratios"]] == [label for label, *_ in RATIOS]
+    for r in report["ratios"]:
+        assert r["q1"] <= r["median"] <= r["q3"] and r["cpu_median"] > 0
+        assert r["met"] in (None, True, False)
+    (row,) = report["spec_compile"]
+    assert row["spec"] == "specs/quickstart.xspec" and row["warm_total_s"] > 0 and row["cold_s"] is None
+    assert returned["config"] == report["config"] and report["machine"]["torch"]
+    for heading in ("| variant | median ms/step", "| ratio (per round, side by side)", "| spec -> graph"):
+        assert heading in text
+
+
+def test_unknown_variant_is_refused():
+    with pytest.raises(ValueError, match="unknown variants"):
+        run(Config(variants=("xml-nope",), specs=()))
