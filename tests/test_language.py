@@ -270,3 +270,18 @@ def test_mutated_specs_give_an_ast_or_a_spec_error_never_another_exception(text)
         check(parse(text, "fuzz.xspec"))
     except (SpecError, SpecErrors) as e:
         assert e.render()
+
+
+def test_xml_macro_with_three_parts_covers_every_mixed_path():
+    text = HEADER.replace('at "layer2" into up, down', 'at "layer1", "layer2" into p1, p2, p3') + "xml(net1, net2)"
+    term = check(parse(text)).stages[0].objectives["net1"]
+    paths = {str(a) for p in _leaves(term) if p.name == "ce" for a in p.args[:1]}
+    assert len(paths) == 1 + 6  # the network itself and the 2^3 - 2 mixed paths
+    assert "net1.p1 >> net2.p2 >> net1.p3" in paths and "/ 6.0" in str(term)
+
+
+def test_born_again_generations_form_declares_the_generations():
+    program = check(parse(HEADER + "born_again(net1, generations=2, epochs=1)"))
+    assert {"net1_g1", "net1_g2"} <= set(program.networks)
+    assert [(s.name, s.after, s.trained) for s in program.stages] == [
+        ("gen0", None, ("net1",)), ("gen1", "gen0", ("net1_g1",)), ("gen2", "gen1", ("net1_g2",))]

@@ -101,22 +101,44 @@ train {name} {{
 }}"""
 
 
-@macro()
-def xml(call: ast.MacroCall, kw: dict[str, str]) -> str:
+@macro(needs_spec=True)
+def xml(call: ast.MacroCall, kw: dict[str, str], spec: ast.Spec) -> str:
     """Xross Mutual Learning (seed 000): (DML terms + up-mimic + down-mimic) / (2 K), K = len(peers).
 
-    The networks must already be cut into the same number of parts, named `up` and `down`.
+    The networks must be cut alike (same part names). With parts `up, down` this is the seed's
+    formula; with P parts every path mixing s's and a peer's parts (2^P - 2 of them) gets a CE
+    and a KL-to-the-peer term, normalised by (2^P - 2) K (seed 000 "Multiple Xross").
     """
     nets = _networks(call, 2)
     name = kw.get("name", "xml")
-    return f"""loss {name}(s, T) =
-    ( ce(s, y)
+    parts = {net: _cut_parts(spec, net, call) for net in nets}
+    first = parts[nets[0]]
+    if first is None or any(p != first for p in parts.values()):
+        uncut = [n for n, p in parts.items() if p is None]
+        raise SpecError("xml() needs its networks cut alike (same part names) above it; "
+                        + (f"'{uncut[0]}' is not cut" if uncut else
+                           "; ".join(f"{n}: {', '.join(p)}" for n, p in parts.items())), call.pos,
+                        f'e.g. cut {", ".join(nets)} at "layer2" into up, down')
+    if first == ("up", "down"):
+        body = """    ( ce(s, y)
     + mean(kl(t, s) for t in T)
     + sum(kl(t, s.up >> t.down) for t in T)
     + sum(kl(t, t.up >> s.down) for t in T)
     + sum(ce(s.up >> t.down, y) for t in T)
     + sum(ce(t.up >> s.down, y) for t in T)
-    ) / (2 * len(T))
+    ) / (2 * len(T))"""
+    else:
+        mixed = [" >> ".join(f"{'s' if mask >> i & 1 else 't'}.{part}" for i, part in enumerate(first))
+                 for mask in range(1, 2 ** len(first) - 1)]
+        kls = " + ".join(f"kl(t, {m})" for m in mixed)
+        ces = " + ".join(f"ce({m}, y)" for m in mixed)
+        body = f"""    ( ce(s, y)
+    + mean(kl(t, s) for t in T)
+    + sum({kls} for t in T)
+    + sum({ces} for t in T)
+    ) / ({len(mixed)} * len(T))"""
+    return f"""loss {name}(s, T) =
+{body}
 train {name} {{
     minimize {name}(s, peers(s)) wrt s for s in [{', '.join(nets)}]
 {_train_settings(kw)}
@@ -214,8 +236,8 @@ _BAN_VARIANTS = {
 }
 
 
-@macro("variant", "T", "after")
-def born_again(call: ast.MacroCall, kw: dict[str, str]) -> str:
+@macro("variant", "T", "after", "generations", needs_spec=True)
+def born_again(call: ast.MacroCall, kw: dict[str, str], spec: ast.Spec) -> str:
     """Born-Again Networks (seed 004): born_again(g0, g1, ..., gN): g(k) is taught by g(k-1), one block each.
 
     Blocks `<name>0` (g0 with ce, unless `after=B` says an earlier block B trained g0) and `<name>k after
@@ -223,8 +245,25 @@ def born_again(call: ast.MacroCall, kw: dict[str, str]) -> str:
     weights). `name` defaults to "gen". Variants: "kd" (default, BAN+L: ce + kl), "ban" (BAN: kl only), "cwtm"
     (Confidence-Weighted by Teacher Max), "dkpp" (Dark Knowledge with Permuted Predictions); T (default 1)
     is the temperature of kl. The BAN ensemble is `evaluate ensemble(g1, ..., gN)`.
+    `born_again(net, generations=N)` declares N new networks `net_g1..net_gN` like `net` and chains them.
     """
-    nets = _networks(call, 2)
+    generated = ""
+    if "generations" in kw:  # born_again(net, generations=N): N new copies of net's architecture
+        if len(call.args) != 1:
+            raise SpecError("born_again(net, generations=N) takes one network", call.pos)
+        (net,) = _networks(call, 1)
+        n = int(_number(kw["generations"], "generations", call))
+        if n < 1:
+            raise SpecError("born_again(): generations must be >= 1", call.pos)
+        decl = next((s for s in spec.statements if isinstance(s, ast.Network) and net in s.names), None)
+        if decl is None:
+            raise SpecError(f"born_again(): '{net}' is not a network declared before this line", call.pos)
+        nets = [net] + [f"{net}_g{k}" for k in range(1, n + 1)]
+        ref = decl.ref if ":" not in decl.ref else f'"{decl.ref}"'
+        args = ", ".join(f"{k.name}={format_expr(k.value)}" for k in decl.kwargs)
+        generated = f"network {', '.join(nets[1:])} = {ref}({args})\n"
+    else:
+        nets = _networks(call, 2)
     name = kw.get("name", "gen")
     variant = kw.get("variant", '"kd"').strip('"')
     if variant not in _BAN_VARIANTS:
@@ -247,7 +286,7 @@ def born_again(call: ast.MacroCall, kw: dict[str, str]) -> str:
 {settings}
 }}""")
         previous = block
-    return "\n".join(out)
+    return generated + "\n".join(out)
 
 
 def _number(text: str, what: str, call: ast.MacroCall) -> float:
