@@ -285,3 +285,9 @@ def test_born_again_generations_form_declares_the_generations():
     assert {"net1_g1", "net1_g2"} <= set(program.networks)
     assert [(s.name, s.after, s.trained) for s in program.stages] == [
         ("gen0", None, ("net1",)), ("gen1", "gen0", ("net1_g1",)), ("gen2", "gen1", ("net1_g2",))]
+
+
+def test_kd_macro_accepts_temperature_and_alpha_positionally():
+    a = check(parse(HEADER + "kd(net1, net2, 4, 0.9)")).stages[0].objectives
+    b = check(parse(HEADER + "kd(net1, net2, T=4, alpha=0.9)")).stages[0].objectives
+    assert a == b and str(a["net2"]).startswith("kd(net1.up >> net1.down, net2.up >> net2.down, y, 4.0, 0.9")

@@ -152,9 +152,14 @@ def kd(call: ast.MacroCall, kw: dict[str, str]) -> str:
     The teacher is frozen (no objective minimises it): loaded with `weights "..."`, or trained by an
     earlier block named by `after=` (whose final weights of every module this block starts from).
     """
-    nets = _networks(call, 2)
-    if len(nets) != 2:
-        raise SpecError("kd() takes exactly two networks: teacher, student", call.pos)
+    numbers = call.args[2:]  # kd(teacher, student, T, alpha) as DESIGN.md writes it
+    if len(numbers) > 2 or any(not isinstance(a, ast.Number | ast.Neg) for a in numbers):
+        raise SpecError("kd() takes teacher, student, then optionally T and alpha", call.pos)
+    for key, value in zip(("T", "alpha"), numbers):
+        if key in kw:
+            raise SpecError(f"kd(): {key} given twice", call.pos)
+        kw[key] = format_expr(value)
+    nets = _networks(dataclasses.replace(call, args=call.args[:2]), 2)
     teacher, student = nets
     name = kw.get("name", "kd")
     after = f" after {kw['after']}" if "after" in kw else ""
