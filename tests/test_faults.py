@@ -127,6 +127,43 @@ def test_ctrl_c_through_the_cli_exits_130_with_a_resume_hint(spec, tmp_path, mon
     assert load_checkpoint(out / "checkpoints" / "independent" / "last.pt")["batch"] == 5
 
 
+@pytest.mark.parametrize("signals", [1, 2], ids=["one_ctrl_c", "two_ctrl_c"])
+def test_ctrl_c_during_a_step_finishes_it_or_keeps_the_previous_checkpoint(spec, reference, tmp_path, monkeypatch,
+                                                                          signals):
+    """A real SIGINT between network a's update and network b's (alternating order). One: the step
+    completes, the checkpoint is at the next batch. Two: stop at once; last.pt stays the end of epoch 1."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from xdsl.experiment import Experiment
+
+    original, calls, updates = Experiment.train_step, [0], [0]
+
+    def counted_step(self, x, y):
+        calls[0] += 1
+        return original(self, x, y)
+
+    def before_update(optimizer, args, kwargs):
+        updates[0] += 1
+        if calls[0] == STEPS_PER_EPOCH + 8 and updates[0] == 2 * calls[0]:  # b's update; a's is done
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(Experiment, "train_step", counted_step)
+    hook = register_optimizer_step_pre_hook(before_update)
+    out = tmp_path / "run"
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(spec, _opts(out))
+    finally:
+        hook.remove()
+    assert calls[0] == STEPS_PER_EPOCH + 8  # no step starts after the signal
+    state = load_checkpoint(out / "checkpoints" / "independent" / "last.pt")
+    assert (state["epoch"], state["batch"]) == ((1, 8) if signals == 1 else (1, 0))
+    monkeypatch.setattr(Experiment, "train_step", original)
+    run(spec, _opts(out, resume=True))
+    _assert_identical(out, reference)
+
+
 # ---- kill -9 ----
 
 def _metric_rows(out: Path) -> int:
@@ -167,6 +204,33 @@ def test_sigkill_at_a_random_point_then_resume_is_bit_identical(spec, reference,
     assert "resumed at epoch" in result.output or "already finished" in result.output
     _assert_identical(out, reference)
     _assert_metrics_once_per_epoch(out)
+
+
+def test_sigterm_checkpoints_like_ctrl_c_and_exits_130(spec, reference, tmp_path):
+    """What a cluster scheduler sends before preempting a job."""
+    out = tmp_path / "run"
+    first = out / "checkpoints" / "independent" / "last.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "xdsl", "run", str(spec), "--out", str(out), "--device", "cpu"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr.decode()[-2000:]
+    assert "interrupted: the last checkpoint is intact; continue with --resume" in stderr.decode()
+    assert "Traceback" not in stderr.decode()
+    result = CliRunner().invoke(app, ["run", str(spec), "--out", str(out), "--resume", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    _assert_identical(out, reference)
 
 
 # ---- corrupted checkpoints ----

@@ -35,6 +35,24 @@ from xdsl.train.checkpoint import load_checkpoint, load_latest, rng_state, save_
 __all__ = ["RunOptions", "run", "run_one", "evaluate_checkpoint", "NonFiniteLoss"]
 
 
+class _Stop:
+    """Ctrl-C / SIGTERM while batches train: finish the current step, checkpoint at that batch and stop,
+    so a checkpoint never holds a half-done step (alternating order updates networks one after another).
+    A second signal, or one outside the batch loop, stops at once; the previous checkpoint is kept."""
+
+    deferring = False  # inside the batch loop
+    requested = False  # a signal arrived there: stop before the next batch
+    hard = False       # a second one: stop now
+
+    @classmethod
+    def handler(cls, signum, frame) -> None:
+        if cls.deferring and not cls.requested:
+            cls.requested = True
+            return
+        cls.hard = cls.deferring
+        raise KeyboardInterrupt
+
+
 class NonFiniteLoss(XdslError):
     """A loss became NaN/inf: the run stops, the last good checkpoint stays as it was."""
 
@@ -262,6 +280,8 @@ def _train_stage(exp, stage: ir.Stage, bundle, out: Path, logger: _Logger, opts:
             count = 0
             t0 = time.perf_counter()
             batch = 0
+            position = skip_batches  # batches of this epoch whose step is complete
+            _Stop.deferring = True
             try:
                 for batch, (x, y) in enumerate(loader):
                     if batch >= n_batches:
@@ -269,10 +289,13 @@ def _train_stage(exp, stage: ir.Stage, bundle, out: Path, logger: _Logger, opts:
                     if batch < skip_batches:
                         progress.advance(task)
                         continue
+                    if _Stop.requested:
+                        raise KeyboardInterrupt
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                     if exp.channels_last and x.dim() == 4:
                         x = x.contiguous(memory_format=torch.channels_last)
                     losses = exp.train_step(x, y)
+                    position = batch + 1
                     for n, v in losses.items():
                         sums[n] += v
                     count += 1
@@ -284,10 +307,14 @@ def _train_stage(exp, stage: ir.Stage, bundle, out: Path, logger: _Logger, opts:
                     if opts.stop_after_steps is not None and steps_done >= opts.stop_after_steps:
                         raise KeyboardInterrupt
             except KeyboardInterrupt:
-                save(epoch, batch + 1 if batch >= skip_batches else skip_batches)
+                if _Stop.hard:  # a second signal, maybe mid-step: the last checkpoint stays as it was
+                    raise
+                save(epoch, position)
                 logger.console.print(f"interrupted: checkpoint written to {last_path}; continue with --resume "
                                      f"--out {out}")
                 raise
+            finally:
+                _Stop.deferring = False
             skip_batches = 0
             progress.remove_task(task)
             train_loss = {n: float(s) / max(count, 1) for n, s in sums.items()}
@@ -459,8 +486,10 @@ def run(spec: Path, opts: RunOptions) -> dict[str, Any]:
         box = [str(out) if out else None]
         torch.distributed.broadcast_object_list(box, src=0)
         out = Path(box[0])
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM checkpoints like Ctrl-C
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    _Stop.deferring = _Stop.requested = _Stop.hard = False
+    for sig in previous:  # SIGTERM (schedulers, kill) checkpoints like Ctrl-C, at the end of the current step
+        signal.signal(sig, _Stop.handler)
     try:
         all_results = []
         for i in range(opts.seeds):
@@ -469,7 +498,8 @@ def run(spec: Path, opts: RunOptions) -> dict[str, Any]:
             seed_out.mkdir(parents=True, exist_ok=True)
             all_results.append(run_one(spec, opts, seed, seed_out))
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     summary = print_run_summary(all_results, quiet=opts.quiet)
     if opts.seeds > 1 and opts.rank == 0:
         (out / "results.json").write_text(json.dumps({"seeds": all_results, "summary": summary}, indent=2))
