@@ -158,7 +158,7 @@ def loss_signature(name: str) -> LossSpec:
 
 def _target(x: Tensor, grad: bool) -> Tensor:
     """Teacher/target side: gradients flow into it only when asked for."""
-    return x if grad or not x.requires_grad else x.detach()
+    return x if grad else x.detach()
 
 
 def softmax_entropy(logits: Tensor) -> Tensor:
