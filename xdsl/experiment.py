@@ -103,15 +103,15 @@ class Experiment:
         self.schedulers = {net: make_scheduler(stage.schedule, opt, stage.epochs)
                            for net, opt in self.optimizers.items()}
         root = self.compiled.root
+        self._all = lower(self.graph, root, stage, stage.trained, trainable)  # every objective, one forward
         if stage.order == "simultaneous":
-            self._joint = self._compile(lower(self.graph, root, stage, stage.trained, trainable))
+            self._joint = self._compile(self._all)
             self._single = {}
         else:
             self._single = {net: self._compile(self._distribute(lower(self.graph, root, stage, (net,), trainable),
                                                                 net))
                             for net in stage.trained}
             self._joint = None
-        self._all = lower(self.graph, root, stage, stage.trained, trainable)
         self.step_count = 0
 
     def _distribute(self, lowered: Lowered, net: str) -> Lowered:
