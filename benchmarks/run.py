@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
@@ -40,13 +41,14 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["Config", "VARIANTS", "RATIOS", "run", "spec_compile_times", "format_report", "main"]
+__all__ = ["Config", "Variant", "VARIANTS", "RATIOS", "HandWritten", "Runner", "build_runners", "count_work", "run",
+           "spec_compile_times", "format_report", "main"]
 
 ROOT = Path(__file__).resolve().parent.parent
 COHORT_SPEC = "specs/xml_cohort3_wrn50_resnet50_resnext50_tinyimagenet.xspec"
 SPEC_GRAPH_TARGET_S = 2.0
-
 
 
 class Variant(NamedTuple):
@@ -107,7 +109,7 @@ class Config:
     seed: int = 0
     verify: bool = True                   # check xdsl == hand-written after one step before timing
     memory: bool = True                   # peak memory of a step, per variant
-    flops: bool = True                    # FLOPs of a step (FlopCounterMode), per variant
+    flops: bool = True                    # FLOPs (FlopCounterMode) and aten ops of a step, per variant
     specs: tuple[str, ...] | None = None  # spec -> graph timing; None = every specs/*.xspec, () = skip
     spec_repeats: int = 3                 # warm compiles per spec (median)
     cold: bool = True                     # also time each spec's first compile in a fresh process
@@ -369,7 +371,7 @@ def verify(cfg: Config, device: torch.device, workdir: Path, x: Tensor, y: Tenso
 # ---------------------------------------------------------------- measuring
 
 def _sync(device: torch.device) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
 
 def warm_up(cfg: Config, runners: dict[str, Runner], x: Tensor, y: Tensor,
@@ -458,13 +460,13 @@ def peak_memory(runners: dict[str, Runner], x: Tensor, y: Tensor, device: torch.
     out: dict[str, float] = {}
     if device.type == "cuda":
         for name, runner in runners.items():
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
             for _ in range(steps):
                 runner.step(x, y)
-            torch.cuda.synchronize()
-            out[name] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            torch.cuda.synchronize(device)
+            out[name] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
         return out, "torch.cuda.max_memory_allocated - memory_allocated before the steps"
     method = "VmHWM after reset - VmRSS before the steps (malloc_trim first)"
     for name, runner in runners.items():
@@ -484,16 +486,30 @@ def peak_memory(runners: dict[str, Runner], x: Tensor, y: Tensor, device: torch.
     return out, method
 
 
-def count_flops(runners: dict[str, Runner], x: Tensor, y: Tensor) -> dict[str, int]:
-    """FLOPs of one step (forward + backward; the optimiser's elementwise work is not counted)."""
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten ops a step dispatches: a noise-free measure of the work each side asks for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_work(runners: dict[str, Runner], x: Tensor, y: Tensor) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """(FLOPs, aten op counts) of one step per variant: forward, backward and optimiser (FLOPs count
+    matmuls and convolutions only, the optimiser's elementwise work is not in them)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    out = {}
+    flops, ops = {}, {}
     for name, runner in runners.items():
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter, _OpCounter() as opcount:
             runner.step(x, y)
-        out[name] = int(counter.get_total_flops())
-    return out
+        flops[name] = int(counter.get_total_flops())
+        ops[name] = dict(sorted(opcount.counts.items()))
+    return flops, ops
 
 
 def _dynamo_counts() -> dict[str, int]:
@@ -510,6 +526,15 @@ def _quantiles(values: Sequence[float]) -> tuple[float, float, float]:
         return values[0], values[0], values[0]
     q = statistics.quantiles(values, n=4, method="inclusive")
     return q[0], q[1], q[2]
+
+
+def _median_ci(values: Sequence[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the median: how far the reported median could move on a rerun."""
+    import random
+
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
+    return meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]
 
 
 # ---------------------------------------------------------------- spec -> graph
@@ -542,7 +567,9 @@ def spec_compile_times(specs: Sequence[str | Path], repeats: int = 3, cold: bool
         row: dict[str, Any] = {"spec": str(spec)}
         for key in ("parse_check_s", "assemble_s", "total_s"):
             row[f"warm_{key}"] = statistics.median(r[key] for r in runs)
-        row["cold_s"] = _cold_compile(path) if cold else None
+        probe = _cold_compile(path) if cold else None
+        row["cold_s"] = None if probe is None else probe["compile_s"]
+        row["cold_import_s"] = None if probe is None else probe["import_s"]
         worst = max(v for v in (row["warm_total_s"], row["cold_s"]) if v is not None)
         row["target_s"] = SPEC_GRAPH_TARGET_S if Path(spec).as_posix().endswith(COHORT_SPEC) else None
         row["met"] = None if row["target_s"] is None else worst < row["target_s"]
@@ -550,12 +577,12 @@ def spec_compile_times(specs: Sequence[str | Path], repeats: int = 3, cold: bool
     return rows
 
 
-def _cold_compile(spec: Path) -> float | None:
+def _cold_compile(spec: Path) -> dict[str, float] | None:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--probe-compile", str(spec)], cwd=ROOT,
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode != 0:
         return None
-    return float(json.loads(proc.stdout.strip().splitlines()[-1])["compile_s"])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _probe_compile(spec: str) -> None:
@@ -620,20 +647,22 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda _: None) -> dict[s
             after = _dynamo_counts()
             report["compile"] = {"warmup": warm, "during_timing": {k: after[k] - before[k] for k in after}}
         memory, memory_method = peak_memory(runners, x, y, device) if cfg.memory else ({}, None)
-        flops = {}
+        flops, ops = {}, {}
         if cfg.flops:
-            progress("counting FLOPs" + (" (on eager copies: compiled kernels bypass the counter)"
-                                         if cfg.compile else ""))
+            progress("counting FLOPs and aten ops" + (" (on eager copies: compiled kernels bypass the counters)"
+                                                      if cfg.compile else ""))
             counted = build_runners(replace(cfg, compile=False), cfg.variants, device, workdir) if cfg.compile \
                 else runners
-            flops = count_flops(counted, x, y)
+            flops, ops = count_work(counted, x, y)
     report["variants"] = {}
     for name, values in samples.items():
         q1, med, q3 = _quantiles(values)
         row = {"median_s": med, "q1_s": q1, "q3_s": q3, "min_s": min(values), "max_s": max(values),
                "cpu_median_s": statistics.median(cpu[name]),
                "samples": len(values), "steps_per_s": 1 / med, "samples_per_s": cfg.batch / med,
-               "peak_mem_mib": memory.get(name), "flops_per_step": flops.get(name)}
+               "peak_mem_mib": memory.get(name), "flops_per_step": flops.get(name),
+               "aten_ops_per_step": sum(ops[name].values()) if name in ops else None, "aten_ops": ops.get(name),
+               "wall_samples_s": values, "cpu_samples_s": cpu[name]}
         row["tflop_per_s"] = flops[name] / med / 1e12 if name in flops else None
         report["variants"][name] = row
     report["memory_method"] = memory_method
@@ -641,10 +670,13 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda _: None) -> dict[s
     for label, num, den, target in RATIOS:
         if num not in samples or den not in samples:
             continue
-        q1, med, q3 = _quantiles([a / b for a, b in zip(samples[num], samples[den])])
+        per_round = [a / b for a, b in zip(samples[num], samples[den])]
+        q1, med, q3 = _quantiles(per_round)
+        lo, hi = _median_ci(per_round)
         cq1, cmed, cq3 = _quantiles([a / b for a, b in zip(cpu[num], cpu[den])])
         report["ratios"].append({"label": label, "numerator": num, "denominator": den, "median": med, "q1": q1,
-                                 "q3": q3, "cpu_median": cmed, "cpu_q1": cq1, "cpu_q3": cq3, "target": target,
+                                 "q3": q3, "ci95": [lo, hi], "cpu_median": cmed, "cpu_q1": cq1, "cpu_q3": cq3,
+                                 "target": target,
                                  "met": None if target is None else med <= target,
                                  "flop_ratio": flops[num] / flops[den] if num in flops and den in flops else None})
     specs = cfg.specs if cfg.specs is not None else tuple(sorted(str(p.relative_to(ROOT))
@@ -694,26 +726,29 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"- {v['xdsl']} vs {v['hand']}: {status}")
         lines.append("")
     lines += ["| variant | median ms/step | IQR ms | min-max ms | CPU ms/step | steps/s | samples/s "
-              "| peak step mem MiB | GFLOP/step | TFLOP/s |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| peak step mem MiB | GFLOP/step | TFLOP/s | aten ops/step |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in report["variants"].items():
         mem = "-" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.1f}"
         gflop = "-" if r["flops_per_step"] is None else f"{r['flops_per_step'] / 1e9:.3f}"
         tflops = "-" if r["tflop_per_s"] is None else f"{r['tflop_per_s']:.4f}"
+        nops = "-" if r["aten_ops_per_step"] is None else str(r["aten_ops_per_step"])
         lines.append(f"| {name} | {_ms(r['median_s'])} | {_ms(r['q1_s'])}-{_ms(r['q3_s'])} | "
                      f"{_ms(r['min_s'])}-{_ms(r['max_s'])} | {_ms(r['cpu_median_s'])} | {r['steps_per_s']:.1f} | "
                      f"{r['samples_per_s']:.0f} | "
-                     f"{mem} | {gflop} | {tflops} |")
+                     f"{mem} | {gflop} | {tflops} | {nops} |")
     if report.get("memory_method"):
         lines += ["", f"Peak step memory: {report['memory_method']}."]
     if report["ratios"]:
-        lines += ["", "| ratio (per round, side by side) | wall median | wall IQR | CPU-time median | CPU-time IQR "
-                      "| FLOP ratio | target (wall) | met |", "|---|---:|---:|---:|---:|---:|---:|:-:|"]
+        lines += ["", "| ratio (per round, side by side) | wall median | wall IQR | median 95% CI | CPU-time median "
+                      "| CPU-time IQR | FLOP ratio | target (wall median) | met |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|:-:|"]
         for r in report["ratios"]:
             target = "-" if r["target"] is None else f"<= {r['target']:.2f}"
             met = "-" if r["met"] is None else ("yes" if r["met"] else "**no**")
             flop = "-" if r["flop_ratio"] is None else f"{r['flop_ratio']:.3f}"
-            lines.append(f"| {r['label']} | {r['median']:.3f} | {r['q1']:.3f}-{r['q3']:.3f} | {r['cpu_median']:.3f} | "
+            lines.append(f"| {r['label']} | {r['median']:.3f} | {r['q1']:.3f}-{r['q3']:.3f} | "
+                         f"{r['ci95'][0]:.3f}-{r['ci95'][1]:.3f} | {r['cpu_median']:.3f} | "
                          f"{r['cpu_q1']:.3f}-{r['cpu_q3']:.3f} | {flop} | {target} | {met} |")
     if report.get("compile"):
         c = report["compile"]
@@ -722,12 +757,14 @@ def format_report(report: dict[str, Any]) -> str:
                       + f"; during timing {c['during_timing']} (non-zero = recompiling inside the loop)."]
     if report["spec_compile"]:
         lines += ["", "| spec -> graph (meta device) | parse+check s | build+cut+shapes+graph s | total s (warm) "
-                      "| first call, fresh process s | target |", "|---|---:|---:|---:|---:|:-:|"]
+                      "| first call, fresh process s | import xdsl, fresh process s | target |",
+                  "|---|---:|---:|---:|---:|---:|:-:|"]
         for r in report["spec_compile"]:
             cold = "-" if r["cold_s"] is None else f"{r['cold_s']:.3f}"
+            imp = "-" if r["cold_import_s"] is None else f"{r['cold_import_s']:.2f}"
             target = "-" if r["target_s"] is None else f"< {r['target_s']:.0f} s: {'yes' if r['met'] else '**no**'}"
             lines.append(f"| {Path(r['spec']).name} | {r['warm_parse_check_s']:.3f} | {r['warm_assemble_s']:.3f} | "
-                         f"{r['warm_total_s']:.3f} | {cold} | {target} |")
+                         f"{r['warm_total_s']:.3f} | {cold} | {imp} | {target} |")
     return "\n".join(lines) + "\n"
 
 
@@ -767,7 +804,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--no-verify", action="store_true", help="skip the xdsl == hand-written check")
     p.add_argument("--no-memory", action="store_true")
-    p.add_argument("--no-flops", action="store_true")
+    p.add_argument("--no-flops", action="store_true", help="skip counting FLOPs and aten ops")
     p.add_argument("--specs", default=None, help="comma-separated specs for spec -> graph timing "
                    "(default: every specs/*.xspec; 'none' to skip)")
     p.add_argument("--spec-repeats", type=int, default=d.spec_repeats)

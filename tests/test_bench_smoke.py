@@ -65,3 +65,31 @@ def test_ratios_and_spec_compile_times_are_reported(bench):
 def test_unknown_variant_is_refused():
     with pytest.raises(ValueError, match="unknown variants"):
         run(Config(variants=("xml-nope",), specs=()))
+
+
+def _without_views(ops: dict[str, int]) -> dict[str, int]:
+    """Op counts less `detach` (a view: xdsl's loss primitives detach their targets unconditionally)."""
+    return {op: n for op, n in ops.items() if op != "aten.detach"}
+
+
+def test_generated_steps_run_the_same_aten_ops_as_hand_written(bench):
+    _, report, _ = bench
+    ops = {n: r["aten_ops"] for n, r in report["variants"].items()}
+    for xdsl, hand in (("xml-xdsl-alternating", "xml-hand-alternating"),
+                       ("dml-xdsl-alternating", "dml-hand-alternating")):
+        assert _without_views(ops[xdsl]) == _without_views(ops[hand])
+
+
+def test_torchvision_parts_add_residuals_in_place_like_the_model(tmp_path):
+    """fx records `out += identity` as an out-of-place add unless told otherwise: 48 extra tensors a step."""
+    import torch
+
+    from benchmarks.run import build_runners, count_work
+
+    cfg = Config(model="torchvision.resnet18", input=(3, 16, 16), batch=2)
+    names = ["xml-xdsl-alternating", "xml-hand-alternating"]
+    runners = build_runners(cfg, names, torch.device("cpu"), tmp_path)
+    x, y = torch.randn(2, 3, 16, 16), torch.randint(0, 10, (2,))
+    _, ops = count_work(runners, x, y)
+    assert ops[names[0]]["aten.add_"] == ops[names[1]]["aten.add_"] > 0
+    assert _without_views(ops[names[0]]) == _without_views(ops[names[1]])

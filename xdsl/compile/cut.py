@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,14 @@ def _reads_training(cls: type) -> bool:
         return False
 
 
+class _Proxy(fx.Proxy):
+    """Records `a += b` as in-place `operator.iadd`, as the model runs it (fx's default records `a + b`,
+    which allocates a new tensor for every residual add of a ResNet). Node names stay `add_N`."""
+
+    def __iadd__(self, other):
+        return self.tracer.create_proxy("call_function", operator.iadd, (self, other), {}, name="add")
+
+
 class _Tracer(fx.Tracer):
     """fx tracer that keeps mode-dependent modules (stochastic depth, drop path) and given types whole.
 
@@ -43,6 +52,9 @@ class _Tracer(fx.Tracer):
     def __init__(self, leaf_types: tuple[type, ...] = (), autowrap_functions: tuple = ()):
         super().__init__(autowrap_functions=autowrap_functions)
         self.leaf_types = leaf_types
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _Proxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.leaf_types and isinstance(m, self.leaf_types):
@@ -281,7 +293,7 @@ def _is_inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
         name = str(node.target)
         return name.endswith("_") and not name.startswith("_")
     if node.op == "call_function":
-        return bool(node.kwargs.get("inplace", False))
+        return node.target is operator.iadd or bool(node.kwargs.get("inplace", False))
     return False
 
 
