@@ -164,6 +164,7 @@ def assemble(program: ir.Program, *, device: str | torch.device = "cpu", spec_di
     adapter_io: dict[str, tuple[torch.Size, torch.Size]] = {}
     modules_device = "meta" if device.type == "meta" else "cpu"
     num_classes = 0
+    shape_cache: dict[tuple[int, tuple[int, ...]], torch.Size] = {}
     rest = [n for n in nx.topological_sort(graph) if n not in set(natural)]
     for node in natural + rest:
         data = graph.nodes[node]
@@ -193,7 +194,10 @@ def assemble(program: ir.Program, *, device: str | torch.device = "cpu", spec_di
                     raise SpecError(f"adapter '{step.name}': {e.message}", decl.pos, e.hint) from None
             module = adapters[step.name]
         try:
-            (out_shape,) = infer_shapes([module], torch.empty(in_shape, device="meta"))
+            key = (id(module), tuple(in_shape))  # a part meets the same input shape in many paths
+            if key not in shape_cache:
+                (shape_cache[key],) = infer_shapes([module], torch.empty(in_shape, device="meta"))
+            out_shape = shape_cache[key]
         except XdslError as e:
             raise SpecError(f"{data['path']}: {e.message}", _use_pos(graph, node, program), e.hint) from None
         except Exception as e:  # a part that cannot take this input at all
