@@ -498,6 +498,21 @@ def _unsupported(m: nn.Module, side: str) -> XdslError:
     )
 
 
+def _plan_channelwise(m: nn.Module, p: np.ndarray, ops: list[_Op]) -> bool:
+    """Plan a per-channel module (PReLU, a norm) for permuted channels; False if `m` is not one."""
+    c = p.size
+    if isinstance(m, nn.PReLU):
+        if m.num_parameters > 1:
+            _check_count(m, m.num_parameters, c, "channels")
+            ops.append(lambda m=m: _permute_param(m.weight, _idx(p)))
+        return True
+    if _is_norm(m):
+        _check_count(m, getattr(m, "num_features", getattr(m, "num_channels", -1)), c, "channels")
+        ops.append(lambda m=m: permute_norm(m, p))
+        return True
+    return False
+
+
 def _plan_backward(mods: list[nn.Module], p: np.ndarray, ops: list[_Op]) -> bool:
     """Plan permuting the output channels of `mods` (run in order); True if the input must be permuted too."""
     blocks = _resnet_block_types()
@@ -505,14 +520,7 @@ def _plan_backward(mods: list[nn.Module], p: np.ndarray, ops: list[_Op]) -> bool
     for m in reversed(mods):
         if isinstance(m, _PASSTHROUGH):
             continue
-        if isinstance(m, nn.PReLU):
-            if m.num_parameters > 1:
-                _check_count(m, m.num_parameters, c, "channels")
-                ops.append(lambda m=m: _permute_param(m.weight, _idx(p)))
-            continue
-        if _is_norm(m):
-            _check_count(m, getattr(m, "num_features", getattr(m, "num_channels", -1)), c, "channels")
-            ops.append(lambda m=m: permute_norm(m, p))
+        if _plan_channelwise(m, p, ops):
             continue
         if _is_depthwise(m):
             _check_count(m, m.out_channels, c, "output channels")
@@ -557,14 +565,7 @@ def _plan_forward(mods: list[nn.Module], p: np.ndarray, ops: list[_Op]) -> bool:
             raise _unsupported(m, "down")
         if isinstance(m, _PASSTHROUGH):
             continue
-        if isinstance(m, nn.PReLU):
-            if m.num_parameters > 1:
-                _check_count(m, m.num_parameters, c, "channels")
-                ops.append(lambda m=m: _permute_param(m.weight, _idx(p)))
-            continue
-        if _is_norm(m):
-            _check_count(m, getattr(m, "num_features", getattr(m, "num_channels", -1)), c, "channels")
-            ops.append(lambda m=m: permute_norm(m, p))
+        if _plan_channelwise(m, p, ops):
             continue
         if _is_depthwise(m):
             _check_count(m, m.in_channels, c, "input channels")

@@ -97,24 +97,21 @@ def identity(in_shape: Shape, out_shape: Shape | None, n_classes: int | None) ->
     return nn.Identity()
 
 
-@ADAPTERS.register("conv1x1")
-def conv1x1(
-    in_shape: Shape, out_shape: Shape | None, n_classes: int | None, *, relu: bool = False, bn: bool = False,
-    channels: int | None = None,
-) -> nn.Module:
-    """1x1 convolution (+ BatchNorm, + ReLU): the XML seed's channel link-up (128 <-> 512)."""
-    cin, cout, stride = _conv_geometry("conv1x1", in_shape, _with_channels("conv1x1", in_shape, out_shape, channels))
-    return _conv_stack(cin, cout, 1, stride, relu, bn)
+def _conv_adapter(kind: str, kernel: int, doc: str) -> Callable[..., nn.Module]:
+    """Register a conv adapter of one kernel size (+ BatchNorm, + ReLU); channels from the shapes."""
+
+    def factory(in_shape: Shape, out_shape: Shape | None, n_classes: int | None, *, relu: bool = False,
+                bn: bool = False, channels: int | None = None) -> nn.Module:
+        cin, cout, stride = _conv_geometry(kind, in_shape, _with_channels(kind, in_shape, out_shape, channels))
+        return _conv_stack(cin, cout, kernel, stride, relu, bn)
+
+    factory.__name__, factory.__doc__ = kind, doc
+    return ADAPTERS.register(kind, factory)
 
 
-@ADAPTERS.register("conv3x3")
-def conv3x3(
-    in_shape: Shape, out_shape: Shape | None, n_classes: int | None, *, relu: bool = False, bn: bool = False,
-    channels: int | None = None,
-) -> nn.Module:
-    """3x3 convolution (padding 1) (+ BatchNorm, + ReLU)."""
-    cin, cout, stride = _conv_geometry("conv3x3", in_shape, _with_channels("conv3x3", in_shape, out_shape, channels))
-    return _conv_stack(cin, cout, 3, stride, relu, bn)
+conv1x1 = _conv_adapter("conv1x1", 1, "1x1 convolution (+ BatchNorm, + ReLU): the XML seed's channel link-up "
+                                      "(128 <-> 512).")
+conv3x3 = _conv_adapter("conv3x3", 3, "3x3 convolution (padding 1) (+ BatchNorm, + ReLU).")
 
 
 @ADAPTERS.register("regressor")
