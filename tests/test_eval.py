@@ -307,3 +307,25 @@ def test_plots(tmp_path, two_parts):
     out.append(plot_xross_heatmap(three, tmp_path / "xross3.png"))
     for f in out:
         assert f is not None and f.exists() and f.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_xross_links_parts_through_the_current_blocks_adapters(tmp_path):
+    """After a block, its own adapters are the trained link between the parts, not another block's."""
+    from xdsl.eval.evaluate import xross_combinations
+
+    spec = tmp_path / "links.xspec"
+    spec.write_text("""data synthetic(num_classes=10, shape=[1, 8, 8], train_size=64, test_size=32, batch_size=16)
+network net1 = builtin.cnn(num_classes=10, in_channels=1, width=8)
+network net2 = builtin.cnn(num_classes=10, in_channels=1, width=16)
+cut net1, net2 at "layer2" into up, down
+adapter a12 = conv1x1() owner net1
+adapter b12 = conv1x1() owner net1, net2
+train one { minimize ce(net1.up >> a12 >> net2.down, y) wrt net1 }
+train both { minimize ce(net1.up >> b12 >> net2.down, y) wrt net1 }
+""")
+    exp = xdsl.load(spec)
+    for stage, adapter in (("one", "a12"), ("both", "b12")):
+        exp.use_stage(stage)
+        _, combos = xross_combinations(exp, ["net1", "net2"])
+        cross = next(c for c in combos if c.networks == ["net1", "net2"])
+        assert cross.adapters == [adapter]

@@ -70,10 +70,22 @@ def natural_path(program: ir.Program, net: str, upto: int | None = None, epoch: 
     return ir.Path(tuple(ir.PartStep(net, names[i], i, epoch) for i in range(last)))
 
 
-def _bridges(graph: Any) -> dict[tuple[str, int, str], tuple[str, ...]]:
-    """Adapter chains the spec uses between net a's part i and net b's part i+1: (a, i, b) -> adapters."""
+def _bridges(graph: Any, stage: str | None = None) -> dict[tuple[str, int, str], tuple[str, ...]]:
+    """Adapter chains the spec uses between net a's part i and net b's part i+1: (a, i, b) -> adapters.
+
+    Chains the current train block `stage` trains come first: after a block, its own adapters are the
+    trained link between the parts, not another block's.
+    """
+    import networkx as nx
+
+    used: set[str] = set()
+    if stage is not None:
+        for node, data in graph.nodes(data=True):
+            if data.get("kind") == "objective" and data.get("stage") == stage:
+                used |= nx.ancestors(graph, node)
+    ordered = sorted(graph.nodes(data=True), key=lambda item: item[0] not in used)
     found: dict[tuple[str, int, str], tuple[str, ...]] = {}
-    for _, data in graph.nodes(data=True):
+    for _, data in ordered:
         path = data.get("path")
         if not isinstance(path, ir.Path):
             continue
@@ -123,7 +135,7 @@ def xross_combinations(exp: Any, networks: Sequence[str]) -> tuple[list[str], li
     first = program.parts[parsed[0][0]]
     same_names = all(program.parts[n] == first for n, _ in parsed)
     part_names = list(first) if same_names else [f"part{i + 1}" for i in range(n_parts)]
-    bridges = _bridges(graph)
+    bridges = _bridges(graph, getattr(getattr(exp, "stage", None), "name", None))
     combos: list[_Combo] = []
     for pick in itertools.product(range(len(parsed)), repeat=n_parts):
         steps: list[ir.Step] = []

@@ -525,6 +525,8 @@ def evaluate_checkpoint(spec: Path, checkpoint: Path, *, device: str = "auto", a
         raise XdslError(f"checkpoint '{checkpoint}' does not fit the spec's modules: {str(e).splitlines()[0]}") \
             from None
     exp = Experiment(compiled)
+    if state.get("stage") in {s.name for s in compiled.program.stages}:
+        exp.use_stage(state["stage"])  # evaluate as that block left things (e.g. which adapters link parts)
     program = compiled.program
     if program.data is None:
         raise SpecError("the spec has no 'data' statement, so it cannot be evaluated", None)
