@@ -38,9 +38,14 @@ def test_two_processes_match_one_process_losses_and_weights(tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
-    rows_one = (one / "metrics.jsonl").read_text().splitlines()
-    rows_two = (two / "metrics.jsonl").read_text().splitlines()
+    import json
+
+    rows_one = [json.loads(line) for line in (one / "metrics.jsonl").read_text().splitlines()]
+    rows_two = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert len(rows_one) == len(rows_two)  # rank 0 alone writes metrics
+    for a, b in zip(rows_one, rows_two):  # test accuracy gathered over both processes' shards
+        assert (a["stage"], a["epoch"], a["network"]) == (b["stage"], b["epoch"], b["network"])
+        assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1 / 64)
     assert not list(two.glob("**/*rank1*"))
 
 

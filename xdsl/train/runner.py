@@ -184,7 +184,24 @@ def _accuracy(exp, loader, device: torch.device, max_batches: int | None = None)
                 correct[net] += (exp.forward(net, x).argmax(-1) == y).sum()
             total += len(y)
     exp.set_train_mode(True)
+    from xdsl.train import distributed
+
+    if distributed.is_distributed():  # each process scored its own shard: add the counts up
+        counts = torch.stack([correct[n].float() for n in exp.networks] + [torch.tensor(float(total), device=device)])
+        torch.distributed.all_reduce(counts)
+        correct = dict(zip(exp.networks, counts[:-1]))
+        total = int(counts[-1])
     return {n: float(c) / max(total, 1) for n, c in correct.items()}
+
+
+def _shard(bundle, rank: int, world: int):
+    """This process's share of the test set for per-epoch accuracy (every sample exactly once overall)."""
+    from torch.utils.data import DataLoader, Subset
+
+    if world == 1:
+        return bundle.test_loader()
+    return DataLoader(Subset(bundle.test, range(rank, len(bundle.test), world)), batch_size=bundle.batch_size,
+                      shuffle=False)
 
 
 def _check_finite(exp, losses: dict[str, torch.Tensor], stage: ir.Stage, epoch: int, step: int,
@@ -266,7 +283,7 @@ def _train_stage(exp, stage: ir.Stage, bundle, out: Path, logger: _Logger, opts:
     max_steps = stage.settings.get("max_steps")
     eval_every = stage.settings.get("eval_every") or 1
     steps_done = 0
-    test_loader = bundle.test_loader()
+    test_loader = _shard(bundle, opts.rank, opts.world_size)
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=logger.console,
                         transient=True, disable=opts.quiet)
@@ -323,8 +340,8 @@ def _train_stage(exp, stage: ir.Stage, bundle, out: Path, logger: _Logger, opts:
                     _check_finite(exp, {n: torch.tensor(v)}, stage, epoch, batch, last_path)
             exp.scheduler_step()
             seconds = time.perf_counter() - t0
-            acc = _accuracy(exp, test_loader, device) if opts.rank == 0 and ((epoch + 1) % eval_every == 0 or
-                                                                             epoch + 1 == stage.epochs) else {}
+            acc = _accuracy(exp, test_loader, device) if (epoch + 1) % eval_every == 0 or \
+                epoch + 1 == stage.epochs else {}
             for net in exp.networks:
                 if net not in stage.trained and net not in acc:
                     continue
