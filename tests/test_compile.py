@@ -240,3 +240,24 @@ train {
     exp.train_step(x, y)
     for got, want in zip(exp.adapters["ab"].parameters(), ab.parameters()):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("order", ["alternating", "round_robin", "random"])
+def test_update_order_per_batch(tmp_path, order):
+    """Seed 000 "learning order": who updates first on each batch."""
+    text = HEADER + "network net3 = builtin.cnn(num_classes=10, in_channels=1, width=8)\n" \
+        f"dml(net2, net1, net3, order={order})\n"
+    exp = xdsl.load(_write(tmp_path, text))
+    orders = []
+    for step in range(6):
+        exp.step_count = step
+        orders.append(exp.update_order())
+    assert all(sorted(o) == ["net1", "net2", "net3"] for o in orders)
+    if order == "alternating":  # the `for` list's order, every batch
+        assert orders == [["net2", "net1", "net3"]] * 6
+    elif order == "round_robin":  # the first to update rotates
+        assert [o[0] for o in orders] == ["net2", "net1", "net3"] * 2
+    else:  # random: varies across batches, reproducible for a seed
+        assert len({tuple(o) for o in orders}) > 1
+        exp.step_count = 3
+        assert exp.update_order() == orders[3]
