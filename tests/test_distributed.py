@@ -14,6 +14,7 @@ network net1, net2 = builtin.mlp(num_classes=10, in_features=64, hidden=32)
 cut net1, net2 at "layer1" into up, down
 xml(net1, net2, epochs=2, optimizer=sgd(lr=0.1, momentum=0.9, nesterov=true, weight_decay=5e-4))
 dml(net1, net2, epochs=1, order=simultaneous, optimizer=sgd(lr=0.1))
+evaluate accuracy, xross(net1, net2), ensemble(net1, net2), entropy, flatness(sigmas=[0.0, 0.1], draws=2)
 """
 
 
@@ -46,6 +47,19 @@ def test_two_processes_match_one_process_losses_and_weights(tmp_path):
     for a, b in zip(rows_one, rows_two):  # test accuracy gathered over both processes' shards
         assert (a["stage"], a["epoch"], a["network"]) == (b["stage"], b["epoch"], b["network"])
         assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1 / 64)
+    # the evaluate clause: shard-evaluated items merged across processes equal the 1-process numbers
+    res_one = json.loads((one / "results.json").read_text())["stages"]
+    res_two = json.loads((two / "results.json").read_text())["stages"]
+    for block in ("xml", "dml"):
+        items_one, items_two = res_one[block]["evaluate"]["items"], res_two[block]["evaluate"]["items"]
+        assert [i["kind"] for i in items_one] == [i["kind"] for i in items_two]
+        for a, b in zip(items_one, items_two):
+            for ra, rb in zip(a.get("rows", []) + a.get("members", []), b.get("rows", []) + b.get("members", [])):
+                assert ra["path"] == rb["path"]
+                assert ra["accuracy"] == pytest.approx(rb["accuracy"], abs=1 / 64)
+                assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-4, abs=1e-5)
+            if a["kind"] == "ensemble":
+                assert a["accuracy"] == pytest.approx(b["accuracy"], abs=1 / 64)
     assert not list(two.glob("**/*rank1*"))
 
 

@@ -194,6 +194,55 @@ def _accuracy(exp, loader, device: torch.device, max_batches: int | None = None)
     return {n: float(c) / max(total, 1) for n, c in correct.items()}
 
 
+# evaluate items whose numbers are means over test samples: each process scores its shard, then merge
+_SHARDABLE = ("accuracy", "xross", "ensemble", "entropy")
+
+
+def _evaluate_sharded(exp, bundle, items: list[ir.EvalItem], device: torch.device, opts: RunOptions,
+                      snapshot_state) -> dict[str, Any]:
+    """The evaluate clause under torchrun: per-sample means are gathered across processes; flatness,
+    mapping and latency (not sums over samples) run on rank 0 over the whole test set."""
+    from xdsl.eval.evaluate import evaluate_items
+
+    shardable = [i for i in items if i.kind in _SHARDABLE]
+    rest = [i for i in items if i.kind not in _SHARDABLE]
+    mine = evaluate_items(exp, _shard(bundle, opts.rank, opts.world_size), shardable, device=device,
+                          snapshot_state=snapshot_state) if shardable else None
+    shards: list[Any] = [None] * opts.world_size
+    torch.distributed.all_gather_object(shards, mine)
+    if opts.rank != 0:
+        return {"items": []}
+    whole = evaluate_items(exp, bundle.test_loader(), rest, device=device,
+                           snapshot_state=snapshot_state) if rest else {"items": []}
+    merged = iter(_merge_shards(shards)["items"] if shardable else [])
+    others = iter(whole["items"])
+    return {"num_samples": len(bundle.test), "device": str(device), "processes": opts.world_size,
+            "items": [next(merged) if i.kind in _SHARDABLE else next(others) for i in items]}
+
+
+def _merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sample-weighted means of accuracy / loss / entropy over the processes' shards (exact)."""
+    import copy
+
+    weights = [s["num_samples"] for s in shards]
+    total = sum(weights)
+    out = copy.deepcopy(shards[0])
+    out["num_samples"] = total
+
+    def merge(target: dict[str, Any], parts: list[dict[str, Any]]) -> None:
+        for key in ("accuracy", "loss", "entropy"):
+            if all(p.get(key) is not None for p in parts):
+                target[key] = sum(p[key] * w for p, w in zip(parts, weights)) / total
+
+    for i, item in enumerate(out["items"]):
+        parts = [s["items"][i] for s in shards]
+        merge(item, parts)
+        for key in ("rows", "members"):
+            for j, row in enumerate(item.get(key, [])):
+                merge(row, [p[key][j] for p in parts])
+    return out
+
+
 def _shard(bundle, rank: int, world: int):
     """This process's share of the test set for per-epoch accuracy (every sample exactly once overall)."""
     from torch.utils.data import DataLoader, Subset
@@ -417,13 +466,14 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
             best = _train_stage(exp, stage, bundle, out, logger, opts, seed, device, initial_state, snapshots,
                                 sampler)
             exp.use_stage(stage.name)
-            if opts.rank != 0:
-                results["stages"][stage.name] = {"best": best, "evaluate": {"items": []}}
-                continue
             items = program.evaluate or [ir.EvalItem("accuracy", (), {}, stage.pos)]
+            snapshot_state = checkpoint_snapshots(out, stage.name) if snapshots else None
             with exp.autocast():
-                evaluation = evaluate_items(exp, bundle.test_loader(), items, device=device,
-                                            snapshot_state=checkpoint_snapshots(out, stage.name) if snapshots else None)
+                if opts.world_size > 1:
+                    evaluation = _evaluate_sharded(exp, bundle, items, device, opts, snapshot_state)
+                else:
+                    evaluation = evaluate_items(exp, bundle.test_loader(), items, device=device,
+                                                snapshot_state=snapshot_state)
             results["stages"][stage.name] = {"best": best, "evaluate": evaluation}
         if not program.stages:  # evaluate the networks as built (or as loaded with `weights`)
             items = program.evaluate or [ir.EvalItem("accuracy", (), {}, None)]
