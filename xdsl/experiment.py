@@ -62,6 +62,7 @@ class Experiment:
         self.step_count = 0
         self.last_terms: dict[str, dict[str, torch.Tensor]] = {}
         self._paths: dict[str, nn.Module] = {}
+        self._parsed: dict[str, ir.Path] = {}
         if self.program.stages:
             self.use_stage(self.program.stages[0].name)
 
@@ -144,10 +145,12 @@ class Experiment:
 
     # ---- the API of DESIGN.md ----
     def path(self, text: str) -> ir.Path:
-        """Parse and check a path such as `net1.up >> a12 >> net2.down`."""
+        """Parse and check a path such as `net1.up >> a12 >> net2.down` (once per text: forward is a hot path)."""
         from xdsl.lang.check import path_of
 
-        return path_of(self.program, parse_expr(text))
+        if text not in self._parsed:
+            self._parsed[text] = path_of(self.program, parse_expr(text))
+        return self._parsed[text]
 
     def forward(self, path: str | ir.Path, x: torch.Tensor) -> torch.Tensor:
         """Output of any path (logits when it ends in a last part or a head) on the batch x."""

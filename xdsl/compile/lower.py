@@ -19,7 +19,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from xdsl.compile.graph import objective_node, term_leaves, term_node
+from xdsl.compile.graph import module_target, objective_node, term_leaves, term_node
 from xdsl.lang import ir
 from xdsl.losses import LOSSES
 
@@ -141,8 +141,6 @@ def lower(g: nx.DiGraph, root: nn.Module, stage: ir.Stage, networks: tuple[str, 
 
 def path_module(root: nn.Module, path: ir.Path) -> fx.GraphModule:
     """A module computing one path's output from x (evaluation, `Experiment.forward`)."""
-    from xdsl.compile.graph import module_target
-
     graph = fx.Graph()
     value = graph.placeholder("x")
     for step in path.steps:

@@ -386,9 +386,9 @@ class _Checker:
             raise SpecError(f"{st.key} must be a number, got {_kind(v)}", st.value.pos)
         if kind == "int>=1":
             if not (isinstance(v.value, int) and v.value >= 1):
-                raise SpecError(f"{st.key} must be an integer >= 1, got {_num(v.value)}", st.value.pos)
+                raise SpecError(f"{st.key} must be an integer >= 1, got {v.value}", st.value.pos)
         elif kind == "number>0" and not v.value > 0:
-            raise SpecError(f"{st.key} must be > 0, got {_num(v.value)}", st.value.pos)
+            raise SpecError(f"{st.key} must be > 0, got {v.value}", st.value.pos)
         return v.value
 
     def _minimize(self, m: ast.Minimize, objectives: dict[str, ir.Term]) -> None:
@@ -712,10 +712,6 @@ def _hint(name: str, candidates, fallback: str | None) -> str | None:
 
 def _kwpos(kwargs: tuple[ast.Keyword, ...], name: str) -> Pos | None:
     return next((k.value.pos for k in kwargs if k.name == name), None)
-
-
-def _num(v: float) -> str:
-    return str(v)
 
 
 def check(spec: ast.Spec) -> ir.Program:
