@@ -127,7 +127,8 @@ class Experiment:
     def _compile(self, lowered: Lowered) -> Lowered:
         if self.compile_mode is None:
             return lowered
-        compiled = torch.compile(lowered.module, mode=None if self.compile_mode == "default" else self.compile_mode)
+        compiled = torch.compile(lowered.module, mode=None if self.compile_mode == "default" else self.compile_mode,
+                                 dynamic=False)
         return Lowered(compiled, lowered.networks, lowered.terms)  # type: ignore[arg-type]
 
     def set_train_mode(self, training: bool) -> None:
@@ -186,14 +187,7 @@ class Experiment:
         out: dict[str, torch.Tensor] = {}
         clip = stage.settings.get("grad_clip")
         if stage.order == "simultaneous":
-            with self.autocast():
-                losses, terms = self._joint.module(x, y)
-            self._record_terms(self._joint, terms)
-            last = len(losses) - 1
-            grads = {}  # kept apart until each step: an adapter owned by two networks gets each one's gradient
-            for i, (net, loss) in enumerate(zip(self._joint.networks, losses)):
-                grads[net] = torch.autograd.grad(loss, self.params[net], retain_graph=i < last, allow_unused=True)
-                out[net] = loss.detach()
+            grads = self._joint_grads(x, y, out)
             from xdsl.train.distributed import all_reduce_grads, is_distributed
 
             for net in self._joint.networks:
@@ -214,6 +208,25 @@ class Experiment:
                 out[net] = loss.detach()
         self.step_count += 1
         return out
+
+    def _joint_grads(self, x: torch.Tensor, y: torch.Tensor, out: dict[str, torch.Tensor]) -> dict[str, tuple]:
+        """One forward of every objective, then one backward per objective into its own network.
+
+        The gradients are kept apart until each network steps, so an adapter owned by two networks
+        gets each one's gradient. The backwards after the first need retain_graph, which
+        AOTAutograd's donated buffers forbid, so under torch.compile this graph is compiled (and
+        its backward run) without them.
+        """
+        with torch._functorch.config.patch(donated_buffer=False):
+            with self.autocast():
+                losses, terms = self._joint.module(x, y)
+            self._record_terms(self._joint, terms)
+            last = len(losses) - 1
+            grads = {}
+            for i, (net, loss) in enumerate(zip(self._joint.networks, losses)):
+                grads[net] = torch.autograd.grad(loss, self.params[net], retain_graph=i < last, allow_unused=True)
+                out[net] = loss.detach()
+        return grads
 
     def _step(self, net: str, clip: float | None) -> None:
         if clip:
