@@ -57,6 +57,7 @@ class Variant(NamedTuple):
     experiment: str  # xml | dml
     author: str      # xdsl (the generated step) | hand (HandWritten)
     order: str       # alternating | simultaneous
+    eager: bool = False  # run eagerly even under --compile (the compile speedup's baseline)
 
 
 VARIANTS: dict[str, Variant] = {
@@ -68,7 +69,10 @@ VARIANTS: dict[str, Variant] = {
     "dml-hand-alternating": Variant("dml", "hand", "alternating"),
     # A/A control: a second, identical hand-written copy; its ratio to the first is the noise floor
     "xml-hand-alternating-copy": Variant("xml", "hand", "alternating"),
+    # under --compile: xdsl's step without torch.compile, timed in the same rounds
+    "xml-xdsl-alternating-eager": Variant("xml", "xdsl", "alternating", eager=True),
 }
+DEFAULT_VARIANTS = tuple(n for n, v in VARIANTS.items() if not v.eager)
 
 # (label, numerator, denominator, target: the wall-time median ratio must be <= target; None = reported only)
 RATIOS: list[tuple[str, str, str, float | None]] = [
@@ -78,6 +82,7 @@ RATIOS: list[tuple[str, str, str, float | None]] = [
     ("DML alternating: xdsl / hand-written", "dml-xdsl-alternating", "dml-hand-alternating", 1.05),
     ("A/A control: hand-written / identical copy (noise floor)", "xml-hand-alternating",
      "xml-hand-alternating-copy", None),
+    ("XML alternating, xdsl: torch.compile / eager", "xml-xdsl-alternating", "xml-xdsl-alternating-eager", None),
 ]
 
 _OPTIMIZERS = {  # spec text, the seeds' settings
@@ -99,13 +104,15 @@ class Config:
     optimizer: str = "adam"               # adam = seed 000's Adam 1e-4; sgd = seed 002's SGD Nesterov
     device: str = "cpu"                   # cpu | cuda | cuda:N
     compile: bool = False                 # torch.compile both sides (xdsl: the generated objectives)
+    compile_mode: str = "default"         # torch.compile mode: default | max-autotune-no-cudagraphs | ...
+    fullgraph: bool = False               # torch.compile(fullgraph=True): a graph break is an error
     amp: str = "none"                     # none | bf16 (autocast on both sides)
     channels_last: bool = False           # NHWC weights and batch on both sides (what `xdsl run` does on CUDA)
     threads: int = 1                      # CPU threads: 1 keeps a shared 2-core machine repeatable
     steps: int = 5                        # optimisation steps per timed sample
     rounds: int = 20                      # timed samples per variant (round-robin)
     warmup: int = 3                       # untimed steps per variant first (allocations, optimiser state, compile)
-    variants: tuple[str, ...] = tuple(VARIANTS)
+    variants: tuple[str, ...] = DEFAULT_VARIANTS  # + xml-xdsl-alternating-eager to time compile's speedup
     seed: int = 0
     verify: bool = True                   # check xdsl == hand-written after one step before timing
     memory: bool = True                   # peak memory of a step, per variant
@@ -269,12 +276,14 @@ class HandWritten:
     def step(self, x: Tensor, y: Tensor) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
         if self.order == "simultaneous":
-            with self.autocast:
-                losses = self.objectives(x, y)
-            for s, loss in enumerate(losses):
-                self.opts[s].zero_grad(set_to_none=True)
-                loss.backward(inputs=self.params[s], retain_graph=s < len(losses) - 1)
-                out[self.names[s]] = loss.detach()
+            # retain_graph backwards: compiled without AOTAutograd's donated buffers, as xdsl does
+            with torch._functorch.config.patch(donated_buffer=False):
+                with self.autocast:
+                    losses = self.objectives(x, y)
+                for s, loss in enumerate(losses):
+                    self.opts[s].zero_grad(set_to_none=True)
+                    loss.backward(inputs=self.params[s], retain_graph=s < len(losses) - 1)
+                    out[self.names[s]] = loss.detach()
             for opt in self.opts:
                 opt.step()
             return out
@@ -298,7 +307,10 @@ _AMP = {"none": None, "bf16": torch.bfloat16}
 
 
 def _maybe_compile(fn: Callable, cfg: Config) -> Callable:
-    return torch.compile(fn) if cfg.compile else fn
+    if not cfg.compile:
+        return fn
+    return torch.compile(fn, mode=None if cfg.compile_mode == "default" else cfg.compile_mode,
+                         fullgraph=cfg.fullgraph, dynamic=False)
 
 
 # ---------------------------------------------------------------- building the variants
@@ -319,16 +331,16 @@ def _experiment(cfg: Config, experiment: str, order: str, device: torch.device, 
     path.write_text(spec_text(cfg, experiment, order))
     torch.manual_seed(cfg.seed)  # both sides start from these weights
     compiled = compile_program(path, device=device)
-    return Experiment(compiled, compile_mode="default" if cfg.compile else None, amp=_AMP[cfg.amp],
-                      channels_last=cfg.channels_last)
+    return Experiment(compiled, compile_mode=cfg.compile_mode if cfg.compile else None, amp=_AMP[cfg.amp],
+                      channels_last=cfg.channels_last, fullgraph=cfg.fullgraph)
 
 
 def build_runners(cfg: Config, names: Sequence[str], device: torch.device, workdir: Path) -> dict[str, Runner]:
     """Fresh runners: each xdsl variant from its spec, each hand-written one from a copy of xdsl's initial nets."""
     runners: dict[str, Runner] = {}
     for name in names:
-        experiment, who, order = VARIANTS[name]
-        exp = _experiment(cfg, experiment, order, device, workdir)
+        experiment, who, order, eager = VARIANTS[name]
+        exp = _experiment(replace(cfg, compile=False) if eager else cfg, experiment, order, device, workdir)
         if who == "xdsl":
             runners[name] = Runner(name, exp.train_step, exp.networks)
         else:
@@ -338,7 +350,7 @@ def build_runners(cfg: Config, names: Sequence[str], device: torch.device, workd
 
 
 def _twin(name: str) -> str:
-    experiment, _, order = VARIANTS[name]
+    experiment, _, order, _ = VARIANTS[name]
     return f"{experiment}-hand-{order}"
 
 
@@ -347,8 +359,8 @@ def verify(cfg: Config, device: torch.device, workdir: Path, x: Tensor, y: Tenso
     eager = replace(cfg, compile=False, amp="none")
     results = []
     for name in cfg.variants:
-        experiment, who, order = VARIANTS[name]
-        if who != "xdsl":
+        experiment, who, order, eager_twin = VARIANTS[name]
+        if who != "xdsl" or eager_twin:  # it computes what its compiled variant does
             continue
         exp = _experiment(eager, experiment, order, device, workdir)
         hand = HandWritten(exp.networks, experiment, order, eager, device)
@@ -513,7 +525,10 @@ def count_work(runners: dict[str, Runner], x: Tensor, y: Tensor) -> tuple[dict[s
 
 
 def _dynamo_counts() -> dict[str, int]:
-    """Frames dynamo converted (each cache miss: a compile or a recompile), graphs captured, graph breaks."""
+    """Frames dynamo converted, graphs captured (each compile or recompile captures at least one), graph breaks.
+
+    Under fullgraph=True dynamo does not count frames, so `graphs` is the compile count to read.
+    """
     from torch._dynamo.utils import counters
 
     return {"frames_compiled": int(counters["frames"]["total"]), "graphs": int(counters["stats"]["unique_graphs"]),
@@ -710,7 +725,8 @@ def format_report(report: dict[str, Any]) -> str:
     """Markdown tables of a `run` report (what BENCHMARKS.md shows)."""
     cfg, m = report["config"], report["machine"]
     precision = cfg["amp"] if cfg["amp"] != "none" else "fp32"
-    mode = f"{cfg['device']} {'torch.compile' if cfg['compile'] else 'eager'} {precision}" \
+    compiler = f"torch.compile(mode={cfg['compile_mode']}" + (", fullgraph" if cfg["fullgraph"] else "") + ")"
+    mode = f"{cfg['device']} {compiler if cfg['compile'] else 'eager'} {precision}" \
         + (" channels_last" if cfg["channels_last"] else "")
     shape = "x".join(map(str, cfg["input"]))
     lines = [f"### {cfg['model']}, input {shape}, batch {cfg['batch']}, {cfg['optimizer']}, {mode}, "
@@ -752,7 +768,7 @@ def format_report(report: dict[str, Any]) -> str:
                          f"{r['cpu_q1']:.3f}-{r['cpu_q3']:.3f} | {flop} | {target} | {met} |")
     if report.get("compile"):
         c = report["compile"]
-        lines += ["", "torch.compile (torch._dynamo.utils.counters; frames = compiles + recompiles): "
+        lines += ["", "torch.compile (torch._dynamo.utils.counters; graphs = compiles + recompiles): "
                       + "; ".join(f"{n} warm-up {v}" for n, v in c["warmup"].items())
                       + f"; during timing {c['during_timing']} (non-zero = recompiling inside the loop)."]
     if report["spec_compile"]:
@@ -793,6 +809,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", choices=list(_OPTIMIZERS), default=d.optimizer)
     p.add_argument("--device", default=d.device, help="cpu | cuda | cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile both sides")
+    p.add_argument("--compile-mode", default=d.compile_mode,
+                   help="torch.compile mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs")
+    p.add_argument("--fullgraph", action="store_true", help="torch.compile(fullgraph=True) on both sides")
     p.add_argument("--amp", choices=list(_AMP), default=d.amp, help="autocast dtype on both sides")
     p.add_argument("--channels-last", action="store_true", help="NHWC weights and batch on both sides")
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
@@ -817,7 +836,8 @@ def _parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> Config:
     specs = None if args.specs is None else (() if args.specs == "none" else tuple(args.specs.split(",")))
     cfg = Config(model=args.model, input=args.input, batch=args.batch, classes=args.classes, width=args.width,
-                 depth=args.depth, optimizer=args.optimizer, device=args.device, compile=args.compile, amp=args.amp,
+                 depth=args.depth, optimizer=args.optimizer, device=args.device, compile=args.compile,
+                 compile_mode=args.compile_mode, fullgraph=args.fullgraph, amp=args.amp,
                  channels_last=args.channels_last,
                  threads=args.threads, steps=args.steps, rounds=args.rounds, warmup=args.warmup,
                  variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()), seed=args.seed,

@@ -45,7 +45,7 @@ class Experiment:
     """Compiled spec plus the state of training: the current train block, its optimisers and schedules."""
 
     def __init__(self, compiled: Compiled, *, compile_mode: str | None = None, amp: torch.dtype | None = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, fullgraph: bool = False):
         self.compiled = compiled
         self.program = compiled.program
         self.networks: dict[str, nn.Module] = compiled.networks
@@ -54,6 +54,7 @@ class Experiment:
         self.graph: nx.DiGraph = compiled.graph
         self.device = compiled.device
         self.compile_mode = compile_mode  # torch.compile mode, None = eager
+        self.fullgraph = fullgraph        # torch.compile(fullgraph=True): a graph break raises
         self.amp = amp                    # autocast dtype for forward passes (bf16 on CUDA), None = fp32
         self.channels_last = channels_last
         if channels_last:
@@ -127,8 +128,10 @@ class Experiment:
     def _compile(self, lowered: Lowered) -> Lowered:
         if self.compile_mode is None:
             return lowered
+        # Static shapes: a full batch and the epoch's smaller last batch compile one graph each, and
+        # later epochs reuse both (automatic dynamic shapes would switch every step to dynamic kernels).
         compiled = torch.compile(lowered.module, mode=None if self.compile_mode == "default" else self.compile_mode,
-                                 dynamic=False)
+                                 fullgraph=self.fullgraph, dynamic=False)
         return Lowered(compiled, lowered.networks, lowered.terms)  # type: ignore[arg-type]
 
     def set_train_mode(self, training: bool) -> None:
