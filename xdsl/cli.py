@@ -141,6 +141,9 @@ def run_cmd(spec: Path = SpecArg,
             device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
             compile_: bool | None = typer.Option(None, "--compile/--no-compile",
                                                     help="torch.compile the objectives (default: on CUDA)"),
+            compile_mode: str = typer.Option("default", "--compile-mode",
+                                             help="torch.compile mode: default | reduce-overhead | max-autotune"
+                                                  " | max-autotune-no-cudagraphs"),
             amp: str = typer.Option("auto", "--amp", help="auto | bf16 | none (auto = bf16 on CUDA)"),
             sets: list[str] = typer.Option([], "--set", help="override a setting: data.batch_size=32, epochs=3"),
             allow_imports: bool = typer.Option(False, help="allow 'package.module:callable' models from anywhere"),
@@ -157,8 +160,8 @@ def run_cmd(spec: Path = SpecArg,
         raise typer.Exit(launch_torchrun(nproc, sys.argv))
     try:
         opts = RunOptions(out=out, resume=resume, epochs=epochs, seeds=seeds, seed=seed, device=device,
-                          compile=compile_, amp=amp, overrides=_parse_sets(sets), allow_imports=allow_imports,
-                          threads=threads, quiet=quiet)
+                          compile=compile_, compile_mode=compile_mode, amp=amp, overrides=_parse_sets(sets),
+                          allow_imports=allow_imports, threads=threads, quiet=quiet)
         run(spec, opts)
     except XdslError as e:
         _fail(e)

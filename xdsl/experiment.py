@@ -19,13 +19,15 @@ from torch import nn
 
 from xdsl.compile.assemble import Compiled, assemble
 from xdsl.compile.lower import Lowered, lower, path_module
-from xdsl.errors import SpecError
+from xdsl.errors import SpecError, XdslError
 from xdsl.lang import ir
 from xdsl.lang.check import check
 from xdsl.lang.parser import parse_expr, parse_file
 from xdsl.train.optim import make_optimizer, make_scheduler
 
-__all__ = ["Experiment", "load", "compile_program"]
+__all__ = ["Experiment", "load", "compile_program", "COMPILE_MODES"]
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def compile_program(path: str | Path, *, device: str | torch.device = "cpu", allow_imports: bool = False,
@@ -53,6 +55,8 @@ class Experiment:
         self.adapters: dict[str, nn.Module] = compiled.adapters
         self.graph: nx.DiGraph = compiled.graph
         self.device = compiled.device
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise XdslError(f"unknown torch.compile mode '{compile_mode}'", hint="one of " + ", ".join(COMPILE_MODES))
         self.compile_mode = compile_mode  # torch.compile mode, None = eager
         self.fullgraph = fullgraph        # torch.compile(fullgraph=True): a graph break raises
         self.amp = amp                    # autocast dtype for forward passes (bf16 on CUDA), None = fp32

@@ -66,6 +66,7 @@ class RunOptions:
     seed: int = 0
     device: str = "auto"
     compile: bool | None = None          # None: torch.compile on CUDA, eager elsewhere
+    compile_mode: str = "default"        # torch.compile mode when compiling
     amp: str = "auto"                    # auto: bf16 autocast on CUDA
     overrides: dict[str, str] = field(default_factory=dict)
     allow_imports: bool = False
@@ -435,7 +436,7 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
     program = compiled.program
     _set_threads(opts.threads, compiled, device)
     use_compile = opts.compile if opts.compile is not None else device.type == "cuda"
-    exp = Experiment(compiled, compile_mode="default" if use_compile else None,
+    exp = Experiment(compiled, compile_mode=opts.compile_mode if use_compile else None,
                      amp=_amp_dtype(opts.amp, device), channels_last=device.type == "cuda")
     if program.data is None:
         raise SpecError("the spec has no 'data' statement, so it cannot be run", None,
