@@ -47,7 +47,7 @@ class Experiment:
     """Compiled spec plus the state of training: the current train block, its optimisers and schedules."""
 
     def __init__(self, compiled: Compiled, *, compile_mode: str | None = None, amp: torch.dtype | None = None,
-                 channels_last: bool = False, fullgraph: bool = False):
+                 channels_last: bool = False, fullgraph: bool = False, separable: bool | None = None):
         self.compiled = compiled
         self.program = compiled.program
         self.networks: dict[str, nn.Module] = compiled.networks
@@ -59,6 +59,9 @@ class Experiment:
             raise XdslError(f"unknown torch.compile mode '{compile_mode}'", hint="one of " + ", ".join(COMPILE_MODES))
         self.compile_mode = compile_mode  # torch.compile mode, None = eager
         self.fullgraph = fullgraph        # torch.compile(fullgraph=True): a graph break raises
+        # Objectives differentiable only in their own network (see xdsl.compile.lower): what a compiled
+        # backward needs to skip the peers' gradients; eager autograd prunes them without it.
+        self.separable = compile_mode is not None if separable is None else separable
         self.amp = amp                    # autocast dtype for forward passes (bf16 on CUDA), None = fp32
         self.channels_last = channels_last
         if channels_last:
@@ -111,11 +114,12 @@ class Experiment:
         root = self.compiled.root
         self._all = lower(self.graph, root, stage, stage.trained, trainable)  # every objective, one forward
         if stage.order == "simultaneous":
-            self._joint = self._compile(self._all)
+            self._joint = self._compile(lower(self.graph, root, stage, stage.trained, trainable,
+                                              separable=self.separable) if self.separable else self._all)
             self._single = {}
         else:
-            self._single = {net: self._compile(self._distribute(lower(self.graph, root, stage, (net,), trainable),
-                                                                net))
+            self._single = {net: self._compile(self._distribute(lower(self.graph, root, stage, (net,), trainable,
+                                                                      separable=self.separable), net))
                             for net in stage.trained}
             self._joint = None
         self.step_count = 0
@@ -228,12 +232,30 @@ class Experiment:
             with self.autocast():
                 losses, terms = self._joint.module(x, y)
             self._record_terms(self._joint, terms)
-            last = len(losses) - 1
-            grads = {}
-            for i, (net, loss) in enumerate(zip(self._joint.networks, losses)):
-                grads[net] = torch.autograd.grad(loss, self.params[net], retain_graph=i < last, allow_unused=True)
+            nets = self._joint.networks
+            for net, loss in zip(nets, losses):
                 out[net] = loss.detach()
-        return grads
+            if self._joint.separable and not self._shared_params():
+                # each objective is differentiable only in its own network: one backward serves all
+                flat = torch.autograd.grad(sum(losses), [p for net in nets for p in self.params[net]],
+                                           allow_unused=True)
+                grads, i = {}, 0
+                for net in nets:
+                    grads[net], i = flat[i:i + len(self.params[net])], i + len(self.params[net])
+                return grads
+            last = len(losses) - 1
+            return {net: torch.autograd.grad(loss, self.params[net], retain_graph=i < last, allow_unused=True)
+                    for i, (net, loss) in enumerate(zip(nets, losses))}
+
+    def _shared_params(self) -> bool:
+        """Does a parameter belong to two trained networks (an adapter with two owners)?"""
+        seen: set[int] = set()
+        for params in self.params.values():
+            ids = {id(p) for p in params}
+            if seen & ids:
+                return True
+            seen |= ids
+        return False
 
     def _step(self, net: str, clip: float | None) -> None:
         if clip:

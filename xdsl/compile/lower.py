@@ -5,6 +5,17 @@ For a set of networks `owners` (one network under `order alternating`, all of th
 objectives need, exactly once. Nodes that depend on no module owned by `owners` cannot
 receive gradient from these objectives, so they are computed with autograd off (the
 teacher's forward in KD, a peer's forward in DML). `print(lowered.module.code)` shows it.
+
+`separable=True` generates each objective so that it is differentiable only in its own network's
+parameters: a part of another network that must pass gradient through (`net1.up >> net2.down` in
+net1's objective) runs with its weights detached, and a sub-result that two objectives need with
+different gradients is computed once per objective (extra calls keep BatchNorm's running
+statistics on throw-away copies, so the buffers are as in one shared forward). One backward of the
+sum of the objectives then gives every network its own objective's gradient. Why: AOTAutograd
+(torch.compile) compiles one backward that computes the gradient of every differentiable input,
+so without this a compiled step also pays for the peers' weight gradients that
+`backward(inputs=...)` would discard, and each per-objective backward through a shared compiled
+forward recomputes the whole joint backward.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ from xdsl.compile.graph import module_target, objective_node, term_leaves, term_
 from xdsl.lang import ir
 from xdsl.losses import LOSSES
 
-__all__ = ["Lowered", "lower", "ensemble_logits", "path_module"]
+__all__ = ["Lowered", "lower", "ensemble_logits", "path_module", "call_detached"]
 
 _ARITH = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 
@@ -34,6 +45,23 @@ def ensemble_logits(*logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(stacked, dim=0) - math.log(len(logits))
 
 
+def call_detached(module: nn.Module, x: torch.Tensor, keep_buffers: bool) -> torch.Tensor:
+    """module(x) with its parameters detached: gradient reaches x but not the module's weights.
+
+    keep_buffers=False runs on copies of the buffers, so a second call on an input that another
+    call already saw leaves BatchNorm's running statistics as one call does.
+    """
+    tensors: dict[str, torch.Tensor] = {name: p.detach() for name, p in module.named_parameters()}
+    if not keep_buffers:
+        tensors.update({name: b.clone() for name, b in module.named_buffers()})
+    return torch.func.functional_call(module, tensors, (x,))
+
+
+def _call_copy(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """module(x) on copies of its buffers (a repeated call: running statistics already updated)."""
+    return torch.func.functional_call(module, {name: b.clone() for name, b in module.named_buffers()}, (x,))
+
+
 @dataclass
 class Lowered:
     """A generated module `module(x, y) -> (objectives, terms)` and what its outputs are."""
@@ -41,6 +69,7 @@ class Lowered:
     module: fx.GraphModule
     networks: tuple[str, ...]   # objectives[i] belongs to networks[i]
     terms: tuple[str, ...]      # terms[j] is the text of the j-th primitive term
+    separable: bool = False     # objectives[i] is differentiable only in networks[i]'s parameters
 
     def __repr__(self) -> str:
         return f"Lowered(networks={self.networks}, terms={len(self.terms)})\n{self.module.code}"
@@ -78,14 +107,13 @@ def _first_use_order(g: nx.DiGraph, stage: str, networks: tuple[str, ...]) -> li
 
 
 def lower(g: nx.DiGraph, root: nn.Module, stage: ir.Stage, networks: tuple[str, ...],
-          trainable: set[str]) -> Lowered:
+          trainable: set[str], *, separable: bool = False) -> Lowered:
     """Generate the module computing `networks`' objectives of `stage` (gradients only into `trainable`)."""
     objectives = [objective_node(stage.name, n) for n in networks]
     needed: set[str] = set()
     for obj in objectives:
         needed |= nx.ancestors(g, obj)
     owners = set(networks) & trainable
-    order = [n for n in nx.topological_sort(g) if n in needed]
     path_nodes = [n for n in _first_use_order(g, stage.name, networks) if n in needed]
     no_grad = [n for n in path_nodes if not _needs_grad(g, n, owners)]
     with_grad = [n for n in path_nodes if n not in set(no_grad)]
@@ -103,40 +131,100 @@ def lower(g: nx.DiGraph, root: nn.Module, stage: ir.Stage, networks: tuple[str, 
         for n in no_grad:
             emit_path(n)
         graph.call_function(torch._C._set_grad_enabled, (True,))
-    for n in with_grad:
-        emit_path(n)
-    for n in order:
-        data = g.nodes[n]
-        if data["kind"] == "ensemble":
-            members = [env[str(m)] for m in data["ensemble"].members]
-            env[n] = graph.call_function(ensemble_logits, tuple(members))
+    if separable:
+        value = _variants(g, graph, env, networks, trainable)
+    else:
+        for n in with_grad:
+            emit_path(n)
 
-    term_names: list[str] = []
-    term_values: dict[str, fx.Node] = {}
+        def value(node: str, net: str) -> fx.Node:
+            return env[node]
 
-    def emit_term(term: ir.Term):
+    ensembles: dict[tuple, fx.Node] = {}
+
+    def emit_arg(arg, net: str):
+        if isinstance(arg, ir.Path):
+            return value(str(arg), net)
+        if isinstance(arg, ir.Ensemble):
+            members = tuple(value(str(m), net) for m in arg.members)
+            if members not in ensembles:
+                ensembles[members] = graph.call_function(ensemble_logits, members)
+            return ensembles[members]
+        return env["y"] if isinstance(arg, ir.Labels) else arg
+
+    term_names: list[str] = []     # each primitive term's text once, for logging
+    term_reported: dict[str, fx.Node] = {}
+    term_values: dict[tuple, fx.Node] = {}
+
+    def emit_term(term: ir.Term, net: str):
         if isinstance(term, ir.Const):
             return term.value
         if isinstance(term, ir.Arith):
-            return graph.call_function(_ARITH[term.op], (emit_term(term.left), emit_term(term.right)))
-        key = term_node(term)
+            return graph.call_function(_ARITH[term.op], (emit_term(term.left, net), emit_term(term.right, net)))
+        args = tuple(emit_arg(a, net) for a in term.args)
+        key = (term_node(term), args)
         if key not in term_values:
-            args = tuple(env[str(a)] if isinstance(a, ir.Path | ir.Ensemble) else
-                         env["y"] if isinstance(a, ir.Labels) else a for a in term.args)
             term_values[key] = graph.call_function(LOSSES[term.name].fn, args)
-            term_names.append(key)
+            if key[0] not in term_reported:
+                term_reported[key[0]] = term_values[key]
+                term_names.append(key[0])
         return term_values[key]
 
     outputs = []
     for net in networks:
-        value = emit_term(g.nodes[objective_node(stage.name, net)]["term"])
-        if not isinstance(value, fx.Node):  # a constant objective cannot be trained
+        out = emit_term(g.nodes[objective_node(stage.name, net)]["term"], net)
+        if not isinstance(out, fx.Node):  # a constant objective cannot be trained
             raise ValueError(f"objective of {net} is constant")
-        outputs.append(value)
-    graph.output((tuple(outputs), tuple(term_values[k] for k in term_names)))
+        outputs.append(out)
+    graph.output((tuple(outputs), tuple(term_reported[k] for k in term_names)))
     graph.lint()
     return Lowered(fx.GraphModule(root, graph, class_name=f"Objective_{stage.name}"), tuple(networks),
-                   tuple(term_names))
+                   tuple(term_names), separable)
+
+
+def _variants(g: nx.DiGraph, graph: fx.Graph, env: dict[str, fx.Node], networks: tuple[str, ...],
+              trainable: set[str]):
+    """`value(node, net)`: the node as net's objective must see it (see the module docstring).
+
+    A variant is keyed by which steps of the path net owns. The first call of a node's module
+    updates its buffers; later variants of the same node run on buffer copies.
+    """
+    variants: dict[tuple[str, tuple[bool, ...]], fx.Node] = {}
+    detached: dict[fx.Node, fx.Node] = {}
+    called: set[str] = set()
+
+    def owned_steps(node: str, net: str) -> tuple[bool, ...]:
+        mine = {net} & trainable
+        path: ir.Path = g.nodes[node]["path"]
+        return tuple(any(o in mine for o in g.nodes[str(path.prefix(i + 1))]["owners"])
+                     for i in range(len(path.steps)))
+
+    def value(node: str, net: str) -> fx.Node:
+        if node in env:  # x, y, and sub-results no objective differentiates
+            return env[node]
+        sig = owned_steps(node, net)
+        if not any(sig):  # another objective differentiates it; this one only reads it
+            other = next(m for m in networks if any(owned_steps(node, m)))
+            shared = value(node, other)
+            if shared not in detached:
+                detached[shared] = graph.call_method("detach", (shared,))
+            return detached[shared]
+        key = (node, sig)
+        if key not in variants:
+            data = g.nodes[node]
+            (parent,) = g.predecessors(node)
+            x = value(parent, net)
+            first = node not in called
+            called.add(node)
+            if sig[-1] and first:
+                variants[key] = graph.call_module(data["target"], (x,))
+            elif sig[-1]:
+                variants[key] = graph.call_function(_call_copy, (graph.get_attr(data["target"]), x))
+            else:
+                variants[key] = graph.call_function(call_detached, (graph.get_attr(data["target"]), x, first))
+        return variants[key]
+
+    return value
 
 
 def path_module(root: nn.Module, path: ir.Path) -> fx.GraphModule:
