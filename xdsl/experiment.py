@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from contextlib import nullcontext
 from pathlib import Path
@@ -131,7 +132,7 @@ class Experiment:
         if not is_distributed():
             return lowered
         ddp = wrap_objective(lowered.module, self.params[net], self.device)
-        return Lowered(ddp, lowered.networks, lowered.terms)  # type: ignore[arg-type]
+        return dataclasses.replace(lowered, module=ddp)
 
     def _compile(self, lowered: Lowered) -> Lowered:
         if self.compile_mode is None:
@@ -140,7 +141,7 @@ class Experiment:
         # later epochs reuse both (automatic dynamic shapes would switch every step to dynamic kernels).
         compiled = torch.compile(lowered.module, mode=None if self.compile_mode == "default" else self.compile_mode,
                                  fullgraph=self.fullgraph, dynamic=False)
-        return Lowered(compiled, lowered.networks, lowered.terms)  # type: ignore[arg-type]
+        return dataclasses.replace(lowered, module=compiled)
 
     def set_train_mode(self, training: bool) -> None:
         """train() for the block's trained networks, eval() for everything else (frozen teachers)."""
