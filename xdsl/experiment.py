@@ -108,6 +108,7 @@ class Experiment:
                 module.requires_grad_(train)
                 module.train(train)
         self.params = {net: self.owned_params(net) for net in stage.trained}
+        self._params_shared = self._shares_params()
         self.optimizers = {net: make_optimizer(stage.optimizer, self.params[net], self.device)
                            for net in stage.trained}
         self.schedulers = {net: make_scheduler(stage.schedule, opt, stage.epochs)
@@ -222,10 +223,11 @@ class Experiment:
         return out
 
     def _joint_grads(self, x: torch.Tensor, y: torch.Tensor, out: dict[str, torch.Tensor]) -> dict[str, tuple]:
-        """One forward of every objective, then one backward per objective into its own network.
+        """One forward of every objective, then each network's gradient of its own objective.
 
-        The gradients are kept apart until each network steps, so an adapter owned by two networks
-        gets each one's gradient. The backwards after the first need retain_graph, which
+        Separable objectives (under torch.compile) share one backward of their sum. Otherwise, or
+        when an adapter has two owners (each owner steps it with its own objective's gradient),
+        there is one backward per objective. The backwards after the first need retain_graph, which
         AOTAutograd's donated buffers forbid, so under torch.compile this graph is compiled (and
         its backward run) without them.
         """
@@ -236,7 +238,7 @@ class Experiment:
             nets = self._joint.networks
             for net, loss in zip(nets, losses):
                 out[net] = loss.detach()
-            if self._joint.separable and not self._shared_params():
+            if self._joint.separable and not self._params_shared:
                 # each objective is differentiable only in its own network: one backward serves all
                 flat = torch.autograd.grad(sum(losses), [p for net in nets for p in self.params[net]],
                                            allow_unused=True)
@@ -248,15 +250,10 @@ class Experiment:
             return {net: torch.autograd.grad(loss, self.params[net], retain_graph=i < last, allow_unused=True)
                     for i, (net, loss) in enumerate(zip(nets, losses))}
 
-    def _shared_params(self) -> bool:
+    def _shares_params(self) -> bool:
         """Does a parameter belong to two trained networks (an adapter with two owners)?"""
-        seen: set[int] = set()
-        for params in self.params.values():
-            ids = {id(p) for p in params}
-            if seen & ids:
-                return True
-            seen |= ids
-        return False
+        ids = [id(p) for params in self.params.values() for p in params]
+        return len(ids) != len(set(ids))
 
     def _step(self, net: str, clip: float | None) -> None:
         if clip:
