@@ -102,7 +102,7 @@ def test_compiled_run_reports_compiles_and_no_recompilation_while_timing(tmp_pat
     import contextlib
     import io
 
-    variants = "xml-xdsl-alternating,xml-hand-alternating,xml-xdsl-alternating-eager"
+    variants = "xml-xdsl-alternating,xml-xdsl-alternating-eager"
     with contextlib.redirect_stdout(io.StringIO()):
         report = main(["--width", "2", "--batch", "4", "--steps", "1", "--rounds", "2", "--warmup", "2",
                        "--specs", "none", "--no-memory", "--no-flops", "--compile", "--fullgraph",
