@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._functorch import config as functorch_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["Config", "Variant", "VARIANTS", "RATIOS", "HandWritten", "Runner", "build_runners", "count_work", "run",
@@ -219,6 +220,7 @@ class HandWritten:
         self.params = [list(n.parameters()) for n in self.nets]
         self.opts = [_hand_optimizer(cfg.optimizer, p, device) for p in self.params]
         self.autocast = _autocast(cfg, device)
+        self.no_donation = functorch_config.patch(donated_buffer=False) if cfg.compile else nullcontext()
         if experiment == "xml":
             self.parts = [halves(n) for n in self.nets]
             if order == "simultaneous":
@@ -277,7 +279,7 @@ class HandWritten:
         out: dict[str, Tensor] = {}
         if self.order == "simultaneous":
             # retain_graph backwards: compiled without AOTAutograd's donated buffers, as xdsl does
-            with torch._functorch.config.patch(donated_buffer=False):
+            with self.no_donation:
                 with self.autocast:
                     losses = self.objectives(x, y)
                 for s, loss in enumerate(losses):

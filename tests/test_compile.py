@@ -345,7 +345,9 @@ def _backward_flops(exp, x, y) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     total = 0
-    with torch._functorch.config.patch(donated_buffer=False):
+    from torch._functorch import config as functorch_config
+
+    with functorch_config.patch(donated_buffer=False):
         if exp._joint is not None:
             losses, _ = exp._joint.module(x, y)
             nets = exp._joint.networks

@@ -17,6 +17,7 @@ from typing import Any
 import networkx as nx
 import torch
 from torch import nn
+from torch._functorch import config as functorch_config
 
 from xdsl.compile.assemble import Compiled, assemble
 from xdsl.compile.lower import Lowered, lower, path_module
@@ -231,7 +232,8 @@ class Experiment:
         AOTAutograd's donated buffers forbid, so under torch.compile this graph is compiled (and
         its backward run) without them.
         """
-        with torch._functorch.config.patch(donated_buffer=False):
+        no_donation = functorch_config.patch(donated_buffer=False) if self.compile_mode else nullcontext()
+        with no_donation:
             with self.autocast():
                 losses, terms = self._joint.module(x, y)
             self._record_terms(self._joint, terms)
