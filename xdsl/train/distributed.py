@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -75,8 +76,12 @@ def wrap_objective(module: nn.Module, owned: list[nn.Parameter], device: torch.d
     ignore = [name for name, p in module.named_parameters() if id(p) not in keep]
     ignore += [name for name, _ in module.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignore)
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False, find_unused_parameters=False)
+    with warnings.catch_warnings():
+        # torch 2.14 deprecates broadcast_buffers for forward_sync_buffers, whose False still syncs
+        # buffers at init; xdsl's buffers are rank-local on purpose, so it keeps the old flag.
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                       broadcast_buffers=False, find_unused_parameters=False)
 
 
 def all_reduce_grads(params: list[nn.Parameter]) -> None:
