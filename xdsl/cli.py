@@ -72,7 +72,10 @@ def expand_cmd(spec: Path = SpecArg) -> None:
 
 @app.command("compile")
 def compile_cmd(spec: Path = SpecArg, as_json: bool = typer.Option(False, "--json", help="machine-readable"),
-                code: bool = typer.Option(False, "--code", help="print the generated objective code")) -> None:
+                code: bool = typer.Option(False, "--code", help="print the generated objective code"),
+                separable: bool = typer.Option(False, "--separable",
+                                               help="with --code: the separable objectives torch.compile gets")
+                ) -> None:
     """Show parts (params, output shapes), paths and loss terms of the compiled graph."""
     from xdsl.compile.summary import summarize
 
@@ -91,7 +94,7 @@ def compile_cmd(spec: Path = SpecArg, as_json: bool = typer.Option(False, "--jso
         from xdsl.compile.lower import lower
 
         for stage in c.program.stages:
-            lowered = lower(c.graph, c.root, stage, stage.trained, set(stage.trained))
+            lowered = lower(c.graph, c.root, stage, stage.trained, set(stage.trained), separable=separable)
             typer.echo(f"# train block {stage.name}\n{lowered.module.code}")
 
 
