@@ -121,6 +121,7 @@ class Config:
     specs: tuple[str, ...] | None = None  # spec -> graph timing; None = every specs/*.xspec, () = skip
     spec_repeats: int = 3                 # warm compiles per spec (median)
     cold: bool = True                     # also time each spec's first compile in a fresh process
+    profile: Path | None = None           # torch.profiler: a Chrome trace per variant here, top ops in the report
 
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.input) if self.input else _default_input(self.model)
@@ -512,6 +513,34 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def profile_steps(runners: dict[str, Runner], x: Tensor, y: Tensor, device: torch.device, out: Path,
+                  steps: int = 3, top: int = 8) -> dict[str, dict[str, Any]]:
+    """Where each variant's step spends its time: `steps` steps under torch.profiler.
+
+    Writes `<out>/<variant>.json` (open in chrome://tracing or Perfetto) and returns, per variant,
+    the trace path and the `top` ops by self time (CPU, plus CUDA kernels on a GPU).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    out.mkdir(parents=True, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync = _sync(device)
+    result = {}
+    for name, runner in runners.items():
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                runner.step(x, y)
+            sync()
+        trace = out / f"{name}.json"
+        prof.export_chrome_trace(str(trace))
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+        result[name] = {"trace": str(trace), "steps": steps, "sort": key,
+                        "top": [{"op": e.key, "calls": e.count, "self_ms_per_step": getattr(e, key) / 1e3 / steps}
+                                for e in events]}
+    return result
+
+
 def count_work(runners: dict[str, Runner], x: Tensor, y: Tensor) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
     """(FLOPs, aten op counts) of one step per variant: forward, backward and optimiser (FLOPs count
     matmuls and convolutions only, the optimiser's elementwise work is not in them)."""
@@ -664,6 +693,9 @@ def run(cfg: Config, progress: Callable[[str], None] = lambda _: None) -> dict[s
             after = _dynamo_counts()
             report["compile"] = {"warmup": warm, "during_timing": {k: after[k] - before[k] for k in after}}
         memory, memory_method = peak_memory(runners, x, y, device) if cfg.memory else ({}, None)
+        if cfg.profile is not None:
+            progress(f"profiling: Chrome traces in {cfg.profile}")
+            report["profile"] = profile_steps(runners, x, y, device, cfg.profile)
         flops, ops = {}, {}
         if cfg.flops:
             progress("counting FLOPs and aten ops" + (" (on eager copies: compiled kernels bypass the counters)"
@@ -714,6 +746,7 @@ def _config_dict(cfg: Config) -> dict[str, Any]:
     d["input"] = list(cfg.input_shape())
     d["variants"] = list(cfg.variants)
     d["specs"] = None if cfg.specs is None else list(cfg.specs)
+    d["profile"] = None if cfg.profile is None else str(cfg.profile)  # JSON-serialisable
     return d
 
 
@@ -773,6 +806,10 @@ def format_report(report: dict[str, Any]) -> str:
         lines += ["", "torch.compile (torch._dynamo.utils.counters; graphs = compiles + recompiles): "
                       + "; ".join(f"{n} warm-up {v}" for n, v in c["warmup"].items())
                       + f"; during timing {c['during_timing']} (non-zero = recompiling inside the loop)."]
+    for name, prof in report.get("profile", {}).items():
+        lines += ["", f"Profile of {name} ({prof['steps']} steps, trace {prof['trace']}), top ops by "
+                      f"{prof['sort'].replace('_', ' ')}:", "", "| op | calls | self ms/step |", "|---|---:|---:|"]
+        lines += [f"| `{t['op']}` | {t['calls']} | {t['self_ms_per_step']:.3f} |" for t in prof["top"]]
     if report["spec_compile"]:
         lines += ["", "| spec -> graph (meta device) | parse+check s | build+cut+shapes+graph s | total s (warm) "
                       "| first call, fresh process s | import xdsl, fresh process s | target |",
@@ -831,6 +868,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--spec-repeats", type=int, default=d.spec_repeats)
     p.add_argument("--no-cold", action="store_true", help="skip the fresh-process compile timing")
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    p.add_argument("--profile", type=Path, default=None,
+                   help="torch.profiler: write a Chrome trace per variant into this directory and list the top ops")
     p.add_argument("--probe-compile", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -844,7 +883,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
                  threads=args.threads, steps=args.steps, rounds=args.rounds, warmup=args.warmup,
                  variants=tuple(v.strip() for v in args.variants.split(",") if v.strip()), seed=args.seed,
                  verify=not args.no_verify, memory=not args.no_memory, flops=not args.no_flops, specs=specs,
-                 spec_repeats=args.spec_repeats, cold=not args.no_cold)
+                 spec_repeats=args.spec_repeats, cold=not args.no_cold, profile=args.profile)
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if f.name in ("batch", "classes", "width", "depth", "threads", "steps", "rounds", "spec_repeats") \

@@ -115,3 +115,22 @@ def test_compiled_run_reports_compiles_and_no_recompilation_while_timing(tmp_pat
     assert "XML alternating, xdsl: torch.compile / eager" in labels
     (checked,) = report["verification"]
     assert checked["equal"]
+
+
+def test_profile_writes_a_chrome_trace_per_variant_and_lists_top_ops(tmp_path):
+    import contextlib
+    import io
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        report = main(["--width", "2", "--batch", "4", "--steps", "1", "--rounds", "1", "--warmup", "1",
+                       "--specs", "none", "--no-memory", "--no-flops", "--no-verify",
+                       "--variants", "xml-xdsl-alternating,xml-hand-alternating", "--profile", str(tmp_path)])
+    for name in ("xml-xdsl-alternating", "xml-hand-alternating"):
+        prof = report["profile"][name]
+        trace = json.loads((tmp_path / f"{name}.json").read_text())
+        assert trace["traceEvents"] and prof["trace"] == str(tmp_path / f"{name}.json")
+        ops = [t["op"] for t in prof["top"]]
+        assert any("convolution" in op for op in ops)
+        assert all(t["self_ms_per_step"] >= 0 and t["calls"] > 0 for t in prof["top"])
+        assert f"Profile of {name}" in text.getvalue()
