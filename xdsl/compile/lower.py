@@ -1,8 +1,8 @@
 """Graph -> torch.fx GraphModules that compute objectives: generated once, run every step.
 
 For a set of networks `owners` (one network under `order alternating`, all of them under
-`simultaneous`), the generated module computes, in topological order, every node the
-objectives need, exactly once. Nodes that depend on no module owned by `owners` cannot
+`simultaneous`), the generated module computes every node the objectives need exactly once,
+in the order the objectives first use them. Nodes that depend on no module owned by `owners` cannot
 receive gradient from these objectives, so they are computed with autograd off (the
 teacher's forward in KD, a peer's forward in DML). `print(lowered.module.code)` shows it.
 
