@@ -316,6 +316,10 @@ def _train_stage(exp, stage: ir.Stage, bundle, out: Path, logger: _Logger, opts:
         logger.console.print(f"[dim]train {stage.name}: resumed at epoch {start_epoch + 1}, batch {skip_batches}[/]")
     elif opts.resume:
         logger.truncate(stage.name, 0)  # killed before its first checkpoint: the block's rows are redone
+    if exp.compile_mode is not None and opts.rank == 0:
+        count = 1 if stage.order == "simultaneous" else len(stage.trained)
+        logger.console.print(f"[dim]train {stage.name}: torch.compile ({exp.compile_mode}) of {count} objective(s) "
+                             "at the first step[/]")
 
     def save(epoch: int, batch: int, done: bool = False) -> None:
         if opts.rank != 0:
