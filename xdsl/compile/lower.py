@@ -162,7 +162,7 @@ def lower(g: nx.DiGraph, root: nn.Module, stage: ir.Stage, networks: tuple[str, 
         if isinstance(term, ir.Arith):
             return graph.call_function(_ARITH[term.op], (emit_term(term.left, net), emit_term(term.right, net)))
         args = tuple(emit_arg(a, net) for a in term.args)
-        key = (term_node(term), args)
+        key = (term_node(term), tuple(a for a in args if isinstance(a, fx.Node)))  # constants are in the text
         if key not in term_values:
             term_values[key] = graph.call_function(LOSSES[term.name].fn, args)
             if key[0] not in term_reported:
