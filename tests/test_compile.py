@@ -302,42 +302,55 @@ def _digits_specs():
     return sorted(str(p) for p in (Path(__file__).parent.parent / "specs").glob("*digits*.xspec"))
 
 
+def _spec_in_order(spec: str, order: str, tmp_path):
+    """A copy of a shipped spec, every train block switched to `order simultaneous` if asked."""
+    import re
+    from pathlib import Path
+
+    text = Path(spec).read_text()
+    if order == "simultaneous":
+        text = re.sub(r"\border \w+", "order simultaneous", text)
+    return _write(tmp_path, text, Path(spec).name)
+
+
+def _assert_blocks_train_alike(reference, candidate, batches, **tolerance) -> None:
+    """Every train block from the same weights: equal losses per step, equal state after the block."""
+    candidate.compiled.root.load_state_dict(reference.compiled.root.state_dict())
+    for stage in reference.program.stages:
+        reference.use_stage(stage.name)
+        candidate.use_stage(stage.name)
+        for x, y in batches:
+            random_state = torch.random.get_rng_state()  # `order random` draws the same order on both
+            want = reference.train_step(x, y)
+            torch.random.set_rng_state(random_state)
+            got = candidate.train_step(x, y)
+            for net in want:
+                torch.testing.assert_close(got[net], want[net], msg=lambda m, n=f"{stage.name}/{net}": f"{n}: {m}")
+        a, b = reference.compiled.root.state_dict(), candidate.compiled.root.state_dict()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], **tolerance,
+                                       msg=lambda m, k=f"{stage.name}: {key}": f"{k}: {m}")
+
+
+def _random_batches(exp, count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(12, *exp.compiled.input_shape, generator=g),
+             torch.randint(0, exp.compiled.num_classes, (12,), generator=g)) for _ in range(count)]
+
+
 @pytest.mark.parametrize("order", ["as written", "simultaneous"])
 @pytest.mark.parametrize("spec", _digits_specs() + ["specs/quickstart.xspec"])
 def test_separable_objectives_train_exactly_like_the_shared_ones(spec, order, tmp_path):
     """`separable` lowering (what torch.compile gets) takes the same steps as the default lowering:
     same losses, weights and BatchNorm buffers, in every train block of every digits spec, under the
     spec's own order and under `order simultaneous` (one backward of the summed objectives)."""
-    import re
-    from pathlib import Path
-
     from xdsl.experiment import Experiment, compile_program
 
-    text = Path(spec).read_text()
-    if order == "simultaneous":
-        text = re.sub(r"\border \w+", "order simultaneous", text)
-    path = _write(tmp_path, text, Path(spec).name)
+    path = _spec_in_order(spec, order, tmp_path)
     torch.manual_seed(0)
     shared = Experiment(compile_program(path))
     separable = Experiment(compile_program(path), separable=True)
-    separable.compiled.root.load_state_dict(shared.compiled.root.state_dict())
-    shape = shared.compiled.input_shape
-    g = torch.Generator().manual_seed(2)
-    batches = [(torch.randn(12, *shape, generator=g), torch.randint(0, shared.compiled.num_classes, (12,),
-                                                                    generator=g)) for _ in range(2)]
-    for stage in shared.program.stages:
-        shared.use_stage(stage.name)
-        separable.use_stage(stage.name)
-        for x, y in batches:
-            random_state = torch.random.get_rng_state()
-            want = shared.train_step(x, y)
-            torch.random.set_rng_state(random_state)
-            got = separable.train_step(x, y)
-            for net in want:
-                torch.testing.assert_close(got[net], want[net], msg=lambda m, n=f"{stage.name}/{net}": f"{n}: {m}")
-        a, b = shared.compiled.root.state_dict(), separable.compiled.root.state_dict()
-        for key in a:
-            torch.testing.assert_close(b[key], a[key], msg=lambda m, k=f"{stage.name}: {key}": f"{k}: {m}")
+    _assert_blocks_train_alike(shared, separable, _random_batches(shared, 2, seed=2))
 
 
 def _backward_flops(exp, x, y) -> int:
@@ -406,34 +419,12 @@ def test_every_digits_spec_compiles_fullgraph_and_trains_like_eager(spec, order,
     generated objectives trace with fullgraph=True (no graph break) through AOTAutograd, and the
     compiled steps give eager's losses and weights. (aot_eager backend: dynamo and AOTAutograd
     exactly as Inductor gets them, without compiling kernels; Inductor itself is tested above.)"""
-    import re
-    from pathlib import Path
-
     from xdsl.experiment import Experiment, compile_program
 
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, **{**kw, "backend": "aot_eager"}))
-    text = Path(spec).read_text()
-    if order == "simultaneous":
-        text = re.sub(r"\border \w+", "order simultaneous", text)
-    path = _write(tmp_path, text, Path(spec).name)
+    path = _spec_in_order(spec, order, tmp_path)
     torch.manual_seed(0)
     eager = Experiment(compile_program(path))
     compiled = Experiment(compile_program(path), compile_mode="default", fullgraph=True)
-    compiled.compiled.root.load_state_dict(eager.compiled.root.state_dict())
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(12, *eager.compiled.input_shape, generator=g)
-    y = torch.randint(0, eager.compiled.num_classes, (12,), generator=g)
-    for stage in eager.program.stages:
-        eager.use_stage(stage.name)
-        compiled.use_stage(stage.name)
-        random_state = torch.random.get_rng_state()
-        want = eager.train_step(x, y)
-        torch.random.set_rng_state(random_state)
-        got = compiled.train_step(x, y)
-        for net in want:
-            torch.testing.assert_close(got[net], want[net], msg=lambda m, n=f"{stage.name}/{net}": f"{n}: {m}")
-        a, b = eager.compiled.root.state_dict(), compiled.compiled.root.state_dict()
-        for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5,
-                                       msg=lambda m, k=f"{stage.name}: {key}": f"{k}: {m}")
+    _assert_blocks_train_alike(eager, compiled, _random_batches(eager, 1, seed=3), rtol=1e-4, atol=1e-5)
