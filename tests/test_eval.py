@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import xdsl
+from xdsl.compile.shapes import param_count as path_params
 from xdsl.data import build_data
 from xdsl.eval import (
     best_path,
@@ -22,7 +23,7 @@ from xdsl.eval import (
     render_results,
     results_markdown,
 )
-from xdsl.eval.evaluate import checkpoint_snapshots, path_params
+from xdsl.eval.evaluate import checkpoint_snapshots
 from xdsl.lang import ir
 
 DATA = "data synthetic(num_classes=10, shape=[1, 8, 8], train_size=256, test_size=128, batch_size=32)\n"
@@ -311,7 +312,7 @@ def test_plots(tmp_path, two_parts):
 
 def test_xross_links_parts_through_the_current_blocks_adapters(tmp_path):
     """After a block, its own adapters are the trained link between the parts, not another block's."""
-    from xdsl.eval.evaluate import xross_combinations
+    from xdsl.eval.paths import xross_combinations
 
     spec = tmp_path / "links.xspec"
     spec.write_text("""data synthetic(num_classes=10, shape=[1, 8, 8], train_size=64, test_size=32, batch_size=16)

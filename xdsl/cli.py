@@ -179,7 +179,7 @@ def eval_cmd(spec: Path = SpecArg,
              device: str = typer.Option("auto", "--device"),
              allow_imports: bool = typer.Option(False, help="allow 'package.module:callable' models")) -> None:
     """Evaluate a checkpoint under the spec's `evaluate` clause and print the tables."""
-    from xdsl.train.runner import evaluate_checkpoint
+    from xdsl.train.eval_checkpoint import evaluate_checkpoint
 
     try:
         evaluate_checkpoint(spec, checkpoint, device=device, allow_imports=allow_imports)

@@ -79,7 +79,8 @@ def _build_networks(program: ir.Program, device: str, spec_dir: Path | None,
                     else Path(decl.weights)
                 if not weights.exists():
                     raise XdslError(f"weights file '{weights}' does not exist",
-                                    hint="train the teacher first (it is saved as <run>/final.pt) or fix the path")
+                                    hint="fix the path, or save the trained network's state_dict there "
+                                         "(torch.save(net.state_dict(), path))")
                 if device != "meta":
                     load_weights(model, weights, decl.ref)
         except XdslError as e:
@@ -97,12 +98,6 @@ def _build_networks(program: ir.Program, device: str, spec_dir: Path | None,
     if errors:
         raise errors[0] if len(errors) == 1 else SpecErrors(errors)
     return networks, parts
-
-
-def _natural_path(program: ir.Program, net: str, upto: int | None = None) -> ir.Path:
-    names = program.parts[net]
-    last = len(names) if upto is None else upto
-    return ir.Path(tuple(ir.PartStep(net, names[i], i) for i in range(last)))
 
 
 def _use_pos(g: nx.DiGraph, node: str, program: ir.Program | None = None):
@@ -133,7 +128,7 @@ def _adapter_out_shape(g: nx.DiGraph, node: str, shapes: dict[str, torch.Size], 
         data = g.nodes[succ]
         if data["kind"] == "part":
             step: ir.PartStep = data["step"]
-            return shapes[path_node(_natural_path(program, step.net, step.index))], None
+            return shapes[path_node(program.natural_path(step.net, step.index))], None
         if data["kind"] == "term":
             prim: ir.Prim = data["prim"]
             for arg in prim.args:
@@ -153,7 +148,7 @@ def assemble(program: ir.Program, *, device: str | torch.device = "cpu", spec_di
     natural: list[str] = []
     for net in program.networks:
         for k in range(len(program.parts[net])):
-            path = _natural_path(program, net, k + 1)
+            path = program.natural_path(net, k + 1)
             if path_node(path) not in graph:
                 graph.add_node(path_node(path), kind="part", path=path, step=path.steps[-1], owner=net, owners=(net,),
                                target=f"parts.{net}.{path.steps[-1].part}", label=str(path.steps[-1]))
@@ -176,7 +171,7 @@ def assemble(program: ir.Program, *, device: str | torch.device = "cpu", spec_di
         if isinstance(step, ir.PartStep):
             module = parts[step.net][step.part]
             if step.index > 0:
-                expected = shapes.get(path_node(_natural_path(program, step.net, step.index)))
+                expected = shapes.get(path_node(program.natural_path(step.net, step.index)))
                 if expected is not None and tuple(expected) != tuple(in_shape):
                     raise SpecError(
                         f"shape mismatch in path {data['path']}: {data['path'].prefix(len(data['path'].steps) - 1)} "

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import networkx as nx
@@ -34,7 +35,7 @@ from xdsl.compile.graph import module_target, objective_node, term_leaves, term_
 from xdsl.lang import ir
 from xdsl.losses import LOSSES
 
-__all__ = ["Lowered", "lower", "ensemble_logits", "path_module", "call_detached"]
+__all__ = ["Lowered", "lower", "ensemble_logits", "emit_path", "path_module", "paths_module", "call_detached"]
 
 _ARITH = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 
@@ -121,21 +122,16 @@ def lower(g: nx.DiGraph, root: nn.Module, stage: ir.Stage, networks: tuple[str, 
     graph = fx.Graph()
     env: dict[str, fx.Node] = {"x": graph.placeholder("x"), "y": graph.placeholder("y")}
 
-    def emit_path(node: str) -> None:
-        data = g.nodes[node]
-        (parent,) = g.predecessors(node)
-        env[node] = graph.call_module(data["target"], (env[parent],))
-
     if no_grad:
         graph.call_function(torch._C._set_grad_enabled, (False,))
         for n in no_grad:
-            emit_path(n)
+            emit_path(graph, env, g.nodes[n]["path"])
         graph.call_function(torch._C._set_grad_enabled, (True,))
     if separable:
         value = _variants(g, graph, env, networks, trainable)
     else:
         for n in with_grad:
-            emit_path(n)
+            emit_path(graph, env, g.nodes[n]["path"])
 
         def value(node: str, net: str) -> fx.Node:
             return env[node]
@@ -227,12 +223,36 @@ def _variants(g: nx.DiGraph, graph: fx.Graph, env: dict[str, fx.Node], networks:
     return value
 
 
-def path_module(root: nn.Module, path: ir.Path) -> fx.GraphModule:
-    """A module computing one path's output from x (evaluation, `Experiment.forward`)."""
-    graph = fx.Graph()
-    value = graph.placeholder("x")
-    for step in path.steps:
-        value = graph.call_module(module_target(step), (value,))
-    graph.output(value)
-    return fx.GraphModule(root, graph, class_name="Path")
+def emit_path(graph: fx.Graph, env: dict[str, fx.Node], path: ir.Path,
+              target: Callable[[ir.Step], str] = module_target) -> fx.Node:
+    """Emit the module calls of `path` into `graph`, each prefix once: `env` maps a prefix's text
+    (`"x"` for the empty one) to its node, so paths that share a prefix share its computation.
 
+    This is the one way xdsl runs a path: objectives (`lower`), `Experiment.forward` and evaluation.
+    """
+    node = env["x"]
+    for i, step in enumerate(path.steps):
+        key = str(path.prefix(i + 1))
+        if key not in env:
+            env[key] = graph.call_module(target(step), (node,))
+        node = env[key]
+    return node
+
+
+def paths_module(root: nn.Module, paths: Sequence[ir.Path],
+                 target: Callable[[ir.Step], str] = module_target) -> fx.GraphModule:
+    """A module computing the outputs of several paths from x (a tuple), each shared prefix once.
+
+    `target(step)` names a step's module inside `root` (evaluation maps epoch snapshots elsewhere).
+    """
+    graph = fx.Graph()
+    env = {"x": graph.placeholder("x")}
+    graph.output(tuple(emit_path(graph, env, p, target) for p in paths))
+    return fx.GraphModule(root, graph, class_name="Paths")
+
+
+def path_module(root: nn.Module, path: ir.Path) -> fx.GraphModule:
+    """A module computing one path's output from x (`Experiment.forward`)."""
+    graph = fx.Graph()
+    graph.output(emit_path(graph, {"x": graph.placeholder("x")}, path))
+    return fx.GraphModule(root, graph, class_name="Path")

@@ -18,7 +18,7 @@ from torch.func import functional_call
 
 from xdsl.errors import XdslError
 
-__all__ = ["infer_shapes", "infer_shape", "param_count"]
+__all__ = ["infer_shapes", "infer_shape", "param_count", "unique_params"]
 
 
 def _device_of(module: nn.Module, default: torch.device) -> torch.device:
@@ -86,3 +86,12 @@ def param_count(modules: nn.Module | Iterable[nn.Module]) -> int:
         for p in module.parameters():
             seen[id(p)] = p.numel()
     return sum(seen.values())
+
+
+def unique_params(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
+    """The distinct Parameters of several modules, in order of first appearance."""
+    seen: dict[int, nn.Parameter] = {}
+    for module in modules:
+        for p in module.parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())

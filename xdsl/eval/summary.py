@@ -1,6 +1,6 @@
 """The table `xdsl run` ends with: one row per train block, one column per network / cross path / ensemble.
 
-With `--seeds N` every cell is mean +/- std over the seeds. The full per-block tables (the seed's
+With `--seeds N` every cell is mean +/- std over the seeds. The full per-block tables (the XML paper's
 Xross format, flatness, mapping...) are printed before it and kept in results.json.
 """
 
@@ -14,20 +14,13 @@ __all__ = ["summary_rows", "print_run_summary"]
 
 def _columns(stage_result: dict[str, Any]) -> dict[str, float | None]:
     """Accuracy per column of one block's evaluation: networks, then cross paths, then ensembles."""
+    from xdsl.eval.items import EVALUATIONS
+
+    n_networks = len(stage_result["best"]) if "best" in stage_result else None
     cols: dict[str, float | None] = {}
     for item in stage_result["evaluate"].get("items", []):
-        kind = item.get("kind")
-        if kind == "accuracy":
-            for r in item.get("rows", []):
-                cols[r.get("label") or r["path"]] = r.get("accuracy")
-        elif kind == "xross":
-            for r in item.get("rows", []):
-                if len(set(r.get("networks", []))) > 1:
-                    cols[">>".join(r["networks"])] = r.get("accuracy")
-        elif kind == "ensemble":
-            names = [m.get("label") or m["path"] for m in item.get("members", [])]
-            cols["ensemble" if len(names) == len(stage_result.get("best", names)) else
-                 f"ens({','.join(names)})"] = item.get("accuracy")
+        if item.get("kind") in EVALUATIONS:
+            cols.update(EVALUATIONS.get(item["kind"]).columns(item, n_networks))
     for net, best in stage_result.get("best", {}).items():
         cols[f"{net} best"] = best.get("acc")
     return cols

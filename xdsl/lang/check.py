@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from xdsl.errors import Pos, SpecError, SpecErrors
+from xdsl.eval.items import EVALUATIONS
 from xdsl.lang import ast, ir
 from xdsl.lang.macros import expand_macros
 from xdsl.registry import did_you_mean
 
-__all__ = ["check", "path_of", "ORDERS", "SETTINGS", "EVALUATIONS", "OPTIMIZERS", "SCHEDULES"]
+__all__ = ["check", "path_of", "ORDERS", "SETTINGS", "OPTIMIZERS", "SCHEDULES"]
 
 WHOLE = "all"  # the single part of a network that is not cut
 ORDERS = ("alternating", "simultaneous", "round_robin", "random")
@@ -44,19 +45,6 @@ SETTINGS: dict[str, tuple[str, Any]] = {
     "eval_every": ("int>=1", 1),        # evaluate every N epochs
     "map_channels": ("measure", None),  # align channels at the cut first (seed 000 XML_m): bmm_std, ...
 }
-# evaluate items: name -> (what the positional arguments are, accepted keywords and defaults)
-EVALUATIONS: dict[str, tuple[str, dict[str, Any]]] = {
-    "accuracy": ("paths", {}),
-    "xross": ("networks", {}),
-    "ensemble": ("paths", {}),
-    "entropy": ("paths", {}),
-    "flatness": ("paths", {"sigmas": [0.0, 0.01, 0.02, 0.05], "draws": 3}),
-    "mapping": ("networks", {"measure": "bmm_std", "batches": 1}),
-    # dynamic computation: every Xross path's latency; the best under a budget (0 = none) is reported
-    "latency": ("networks", {"repeats": 10, "max_params": 0, "max_latency_ms": 0.0}),
-}
-
-
 # ---- values the checker computes with ----
 
 @dataclass(frozen=True)
@@ -283,7 +271,8 @@ class _Checker:
         if item.func not in EVALUATIONS:
             raise SpecError(f"unknown evaluation '{item.func}'", item.pos,
                             _hint(item.func, EVALUATIONS, f"known: {', '.join(EVALUATIONS)}"))
-        takes, allowed = EVALUATIONS[item.func]
+        kind = EVALUATIONS.get(item.func)
+        takes, allowed = kind.takes, kind.keywords
         kwargs = {**allowed, **self._const_kwargs(item.kwargs, allowed, f"evaluation '{item.func}'")}
         args = []
         for a in item.args:
@@ -294,14 +283,12 @@ class _Checker:
                 args.append(v.name if v.epoch is None else f"{v.name}@{v.epoch}")
             else:
                 args.append(self._as_path(v, a.pos, f"{item.func}()").path)
-        if item.func == "mapping":
-            from xdsl.mapping import MEASURES
-
-            if kwargs["measure"] not in MEASURES:
-                raise SpecError(f"unknown measure '{kwargs['measure']}'", _kwpos(item.kwargs, "measure") or item.pos,
-                                _hint(str(kwargs["measure"]), MEASURES, f"measures: {', '.join(MEASURES)}"))
-        if takes == "networks" and item.func in ("xross", "mapping") and len(args) < 2:
-            raise SpecError(f"{item.func}() needs at least two networks", item.pos)
+        wrong = kind.check_keywords(kwargs)
+        if wrong is not None:
+            keyword, message, hint = wrong
+            raise SpecError(message, _kwpos(item.kwargs, keyword) or item.pos, hint)
+        if takes == "networks" and len(args) < kind.min_networks:
+            raise SpecError(f"{item.func}() needs at least {kind.min_networks} networks", item.pos)
         return ir.EvalItem(item.func, tuple(args), kwargs, item.pos)
 
     # ---- train blocks ----

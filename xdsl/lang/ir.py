@@ -193,3 +193,9 @@ class Program:
     stages: list[Stage]
     evaluate: list[EvalItem]
 
+    def natural_path(self, net: str, upto: int | None = None, epoch: int | None = None) -> Path:
+        """The network's own chain of parts: its first `upto` parts (all of them by default)."""
+        names = self.parts[net]
+        last = len(names) if upto is None else upto
+        return Path(tuple(PartStep(net, names[i], i, epoch) for i in range(last)))
+

@@ -1,19 +1,13 @@
-"""`xdsl run`: train every train block of a spec, evaluate, write a run directory.
-
-    runs/<spec>-<time>/
-        spec.xspec              the expanded spec that ran
-        metrics.jsonl, .csv     one row per (block, epoch, network)
-        results.json            evaluation of every block (best and last epoch)
-        checkpoints/<block>/    last.pt (resumable, atomic), final.pt (weights only)
-        *.png                   learning curves, Xross heatmap, accuracy vs #params
+"""`xdsl run`: train every train block of a spec, evaluate, write the run directory (`xdsl.rundir`).
 
 Train blocks run in order; each starts from the networks' initial weights (so Independent,
 DML and XML compare from the same start) unless it says `after B`, which continues from B.
+A block reads top to bottom in `train_block`: restore, the epoch loop (steps, end of epoch,
+checkpoint), the final weights.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -26,13 +20,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
+from xdsl.data import DataBundle, build_data
 from xdsl.errors import SpecError, XdslError
+from xdsl.eval.evaluate import checkpoint_snapshots, evaluate_items
+from xdsl.eval.sharded import epoch_accuracy, evaluate_sharded, shard_loader
+from xdsl.eval.summary import print_run_summary
+from xdsl.experiment import Experiment, compile_program
 from xdsl.lang import ir
+from xdsl.lang.format import format_spec
+from xdsl.rundir import RunDir
+from xdsl.train import distributed as ddp
 from xdsl.train.channel_init import map_channels
 from xdsl.train.checkpoint import load_checkpoint, load_latest, rng_state, save_atomic, set_rng_state
+from xdsl.train.device import amp_dtype, pick_device, set_threads
+from xdsl.train.logger import MetricsLogger
 
-__all__ = ["RunOptions", "run", "run_one", "evaluate_checkpoint", "NonFiniteLoss"]
+__all__ = ["RunOptions", "run", "run_one", "train_block", "NonFiniteLoss"]
 
 
 class _Stop:
@@ -78,17 +83,243 @@ class RunOptions:
     world_size: int = 1
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise XdslError(f"--device {name}: CUDA is not available on this machine", hint="use --device cpu")
-    return torch.device(name)
+@dataclass
+class _Block:
+    """One train block being trained: what every step of `train_block` reads and updates."""
+
+    exp: Experiment
+    stage: ir.Stage
+    bundle: DataBundle
+    run: RunDir
+    logger: MetricsLogger
+    opts: RunOptions
+    seed: int
+    device: torch.device
+    sampler: Any = None
+    start_epoch: int = 0
+    skip_batches: int = 0                # batches of start_epoch already trained (resume mid-epoch)
+    steps_done: int = 0
+    best: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def last(self) -> Path:
+        return self.run.last(self.stage.name)
+
+    @property
+    def is_main(self) -> bool:
+        return self.opts.rank == 0
+
+
+# ---------------------------------------------------------------------------------------------- a train block
+
+
+def train_block(b: _Block, initial_state: dict[str, Any], snapshots: bool) -> dict[str, Any]:
+    """Train one block (resuming if a checkpoint exists); return its per-network best accuracies."""
+    if _restore(b, initial_state):
+        return b.best
+    test_loader = shard_loader(b.bundle, b.opts.rank, b.opts.world_size)
+    with _progress(b) as progress:
+        for epoch in range(b.start_epoch, b.stage.epochs):
+            train_loss, seconds = _train_epoch(b, epoch, progress)
+            _end_epoch(b, epoch, train_loss, seconds, test_loader)
+            _checkpoint(b, epoch + 1, 0)
+            if snapshots and b.is_main:
+                root = b.exp.compiled.root
+                save_atomic({"modules": {"parts": root.parts.state_dict(), "adapters": root.adapters.state_dict()},
+                             "epoch": epoch + 1}, b.run.snapshot(b.stage.name, epoch + 1))
+    if b.is_main:
+        save_atomic({"modules": b.exp.compiled.root.state_dict(), "stage": b.stage.name}, b.run.final(b.stage.name))
+    _checkpoint(b, b.stage.epochs, 0, done=True)
+    ddp.barrier()  # later blocks (`after`) and resumes read rank 0's files
+    return b.best
+
+
+def _restore(b: _Block, initial_state: dict[str, Any]) -> bool:
+    """Start weights (initial, or `after B`'s final), channel mapping, and the resumed state if any.
+    True when the block had already finished (its final weights are loaded)."""
+    root, stage = b.exp.compiled.root, b.stage
+    start = load_checkpoint(b.run.final(stage.after), b.device)["modules"] if stage.after is not None \
+        else initial_state
+    root.load_state_dict(start)
+    state = load_latest(b.last, b.device, warn=b.logger.console.print) if b.opts.resume else None
+    if stage.settings.get("map_channels") and state is None:
+        _map_channels(b)
+    b.exp.use_stage(stage.name)
+    if state is not None and state.get("done") and b.run.final(stage.name).exists():
+        root.load_state_dict(load_checkpoint(b.run.final(stage.name), b.device)["modules"])
+        set_rng_state(state["rng"])  # later blocks draw what they drew in the uninterrupted run
+        b.best = state["best"]
+        b.logger.console.print(f"[dim]train {stage.name}: already finished, skipped[/]")
+        return True
+    if state is not None:
+        _resume(b, state)
+    elif b.opts.resume:
+        b.logger.truncate(stage.name, 0)  # killed before its first checkpoint: the block's rows are redone
+    if b.exp.compile_mode is not None and b.is_main:
+        count = 1 if stage.order == "simultaneous" else len(stage.trained)
+        b.logger.console.print(f"[dim]train {stage.name}: torch.compile ({b.exp.compile_mode}) of {count} "
+                               "objective(s) at the first step[/]")
+    return False
+
+
+def _map_channels(b: _Block) -> None:
+    """`map_channels`: align the networks' channels at the cut on one batch before training."""
+    x, _ = next(iter(b.bundle.train_loader(epoch_seed=b.seed * 100_003)))
+    mapping = map_channels(b.exp, b.stage, x.to(b.device), b.stage.settings["map_channels"])
+    for report in mapping:
+        b.logger.console.print(f"map_channels {report['network']} -> {report['reference']}: {report['text']}")
+    b.run.block(b.stage.name).mkdir(parents=True, exist_ok=True)
+    b.run.mapping(b.stage.name).write_text(json.dumps(mapping, indent=2))
+
+
+def _resume(b: _Block, state: dict[str, Any]) -> None:
+    """Weights, optimisers, schedules, RNG and position of the last checkpoint."""
+    exp = b.exp
+    exp.compiled.root.load_state_dict(state["modules"])
+    for net, opt in exp.optimizers.items():
+        opt.load_state_dict(state["optimizers"][net])
+    for net, sched in exp.schedulers.items():
+        if sched is not None:
+            sched.load_state_dict(state["schedulers"][net])
+    set_rng_state(state["rng"])
+    b.start_epoch, b.skip_batches, b.best = state["epoch"], state["batch"], state["best"]
+    exp.step_count = state["step_count"]
+    b.logger.truncate(b.stage.name, b.start_epoch)
+    b.logger.console.print(f"[dim]train {b.stage.name}: resumed at epoch {b.start_epoch + 1}, "
+                           f"batch {b.skip_batches}[/]")
+
+
+def _progress(b: _Block) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[info]}"), console=b.logger.console, transient=True,
+                    disable=b.opts.quiet)
+
+
+def _train_epoch(b: _Block, epoch: int, progress: Progress) -> tuple[dict[str, float], float]:
+    """Every step of one epoch; mean train loss per network and the seconds it took.
+    Ctrl-C checkpoints at the last finished step (see `_Stop`)."""
+    stage = b.stage
+    loader = b.bundle.train_loader(epoch_seed=b.seed * 100_003 + epoch, sampler=b.sampler)
+    max_steps = stage.settings.get("max_steps")
+    n_batches = len(loader) if max_steps is None else min(len(loader), max_steps)
+    task = progress.add_task(f"{stage.name} {epoch + 1}/{stage.epochs}", total=n_batches, info="")
+    b.exp.set_train_mode(True)
+    sums = {n: torch.zeros((), device=b.device) for n in stage.trained}
+    count, batch, position = 0, 0, b.skip_batches  # position: batches of this epoch whose step is complete
+    t0 = time.perf_counter()
+    _Stop.deferring = True
+    try:
+        for batch, (x, y) in enumerate(loader):
+            if batch >= n_batches:
+                break
+            if batch < b.skip_batches:
+                progress.advance(task)
+                continue
+            losses = _step(b, x, y, epoch, batch, progress, task)
+            position, count = batch + 1, count + 1
+            for n, v in losses.items():
+                sums[n] += v
+            progress.advance(task)
+            if b.opts.stop_after_steps is not None and b.steps_done >= b.opts.stop_after_steps:
+                raise KeyboardInterrupt  # testing: stop as Ctrl-C would
+    except KeyboardInterrupt:
+        if _Stop.hard:  # a second signal, maybe mid-step: the last checkpoint stays as it was
+            raise
+        _checkpoint(b, epoch, position)
+        b.logger.console.print(f"interrupted: checkpoint written to {b.last}; continue with --resume "
+                               f"--out {b.run.root}")
+        raise
+    finally:
+        _Stop.deferring = False
+    b.skip_batches = 0
+    progress.remove_task(task)
+    train_loss = {n: float(s) / max(count, 1) for n, s in sums.items()}
+    for n, v in train_loss.items():
+        if not math.isfinite(v):
+            _check_finite(b, {n: torch.tensor(v)}, epoch, batch)
+    return train_loss, time.perf_counter() - t0
+
+
+def _step(b: _Block, x: torch.Tensor, y: torch.Tensor, epoch: int, batch: int, progress: Progress,
+          task: TaskID) -> dict[str, torch.Tensor]:
+    """One optimisation step on a batch; every `log_every` steps (every step on CPU) a NaN check."""
+    if _Stop.requested:
+        raise KeyboardInterrupt
+    x, y = x.to(b.device, non_blocking=True), y.to(b.device, non_blocking=True)
+    if b.exp.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    losses = b.exp.train_step(x, y)
+    b.steps_done += 1
+    if b.device.type == "cpu" or b.steps_done % b.opts.log_every == 0:
+        _check_finite(b, losses, epoch, batch)
+        progress.update(task, info="  ".join(f"{n} {float(v):.3f}" for n, v in losses.items()))
+    return losses
+
+
+def _check_finite(b: _Block, losses: dict[str, torch.Tensor], epoch: int, step: int) -> None:
+    bad = [n for n, v in losses.items() if not torch.isfinite(v)]
+    if not bad:
+        return
+    net = bad[0]
+    terms = b.exp.last_terms.get(net, {})
+    bad_terms = [t for t, v in terms.items() if not torch.isfinite(v.detach()).all()]
+    which = f"term {bad_terms[0]} = {float(terms[bad_terms[0]].detach())}" if bad_terms else \
+        f"objective = {float(losses[net])}"
+    raise NonFiniteLoss(
+        f"non-finite loss in train block '{b.stage.name}', network '{net}', epoch {epoch + 1}, step {step}: {which}",
+        hint=f"lower the learning rate or set grad_clip; the last good checkpoint "
+             f"{b.last if b.last.exists() else '(none yet)'} is intact")
+
+
+def _end_epoch(b: _Block, epoch: int, train_loss: dict[str, float], seconds: float, test_loader: Any) -> None:
+    """Schedules step; test accuracy (every `eval_every` epochs and the last); metrics rows; best epoch."""
+    exp, stage = b.exp, b.stage
+    exp.scheduler_step()
+    eval_every = stage.settings.get("eval_every") or 1
+    due = (epoch + 1) % eval_every == 0 or epoch + 1 == stage.epochs
+    acc = epoch_accuracy(exp, test_loader, b.device) if due else {}
+    for net in exp.networks:
+        if net not in stage.trained and net not in acc:
+            continue
+        b.logger.log({"stage": stage.name, "epoch": epoch + 1, "network": net,
+                      "train_loss": train_loss.get(net), "test_acc": acc.get(net),
+                      "lr": exp.optimizers[net].param_groups[0]["lr"] if net in exp.optimizers else None,
+                      "seconds": round(seconds, 3), "trained": net in stage.trained})
+        if net in acc and acc[net] >= b.best.get(net, {}).get("acc", -1.0):
+            b.best[net] = {"acc": acc[net], "epoch": epoch + 1}
+    b.logger.console.print(
+        f"{stage.name} epoch {epoch + 1}/{stage.epochs}  "
+        + "  ".join(f"{n}: loss {train_loss[n]:.4f}" for n in stage.trained)
+        + ("  |  " + "  ".join(f"{n} acc {100 * a:.2f}%" for n, a in acc.items()) if acc else "")
+        + f"  ({seconds:.1f}s)")
+
+
+def _checkpoint(b: _Block, epoch: int, batch: int, done: bool = False) -> None:
+    """last.pt: everything a resume needs, written atomically by rank 0."""
+    if not b.is_main:
+        return
+    exp = b.exp
+    save_atomic({
+        "modules": exp.compiled.root.state_dict(),
+        "optimizers": {n: o.state_dict() for n, o in exp.optimizers.items()},
+        "schedulers": {n: s.state_dict() for n, s in exp.schedulers.items() if s is not None},
+        "rng": rng_state(), "epoch": epoch, "batch": batch, "step_count": exp.step_count,
+        "best": b.best, "done": done, "stage": b.stage.name,
+    }, b.last, keep_previous=True)
+
+
+# ---------------------------------------------------------------------------------------------- a run
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def _prepare_out(spec: Path, opts: RunOptions) -> Path:
-    out = opts.out or Path("runs") / f"{spec.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if opts.resume and not (out / "checkpoints").exists():
+    out = opts.out or RunDir.default(spec).root
+    if opts.resume and not RunDir(out).checkpoints.exists():
         raise XdslError(f"--resume: '{out}' has no checkpoints to resume from", hint="pass the run's --out DIR")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -101,347 +332,19 @@ def _prepare_out(spec: Path, opts: RunOptions) -> Path:
     return out
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-class _Logger:
-    """Metrics to JSONL + CSV (+ TensorBoard when installed); console output through rich."""
-
-    def __init__(self, out: Path, quiet: bool, resume: bool, enabled: bool = True):
-        from rich.console import Console
-
-        self.out, self.quiet, self.enabled = out, quiet, enabled
-        self.console = Console(quiet=quiet)
-        self.rows: list[dict[str, Any]] = []
-        path = out / "metrics.jsonl"
-        if resume and path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    self.rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut short by a kill; its epoch is redone
-                    pass
-        self.tb = None
-        if not enabled:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out / "tensorboard"))
-        except Exception:  # tensorboard is optional
-            self.tb = None
-
-    def log(self, row: dict[str, Any]) -> None:
-        self.rows.append(row)
-        if not self.enabled:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.tb is not None:
-            for k, v in row.items():
-                if isinstance(v, int | float) and k not in ("epoch",):
-                    self.tb.add_scalar(f"{row['stage']}/{row['network']}/{k}", v, row["epoch"])
-
-    def truncate(self, stage: str, epoch: int) -> None:
-        """Forget rows of `stage` after `epoch` (written before a crash, redone after resume)."""
-        self.rows = [r for r in self.rows if not (r["stage"] == stage and r["epoch"] > epoch)]
-        if not self.enabled:
-            return
-        with open(self.out / "metrics.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.rows)
-
-    def write_csv(self) -> None:
-        if not self.rows or not self.enabled:
-            return
-        keys = list(dict.fromkeys(k for r in self.rows for k in r))
-        with open(self.out / "metrics.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(self.rows)
-
-    def close(self) -> None:
-        self.write_csv()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _module_state(exp) -> dict[str, Any]:
-    return {k: v.detach().clone() for k, v in exp.compiled.root.state_dict().items()}
-
-
-def _accuracy(exp, loader, device: torch.device, max_batches: int | None = None) -> dict[str, float]:
-    """Top-1 test accuracy of every network (the per-epoch metric; `evaluate` does the rest)."""
-    exp.set_train_mode(False)
-    correct = {n: torch.zeros((), device=device) for n in exp.networks}
-    total = 0
-    with torch.no_grad(), exp.autocast():
-        for i, (x, y) in enumerate(loader):
-            if max_batches is not None and i >= max_batches:
-                break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            for net in exp.networks:
-                correct[net] += (exp.forward(net, x).argmax(-1) == y).sum()
-            total += len(y)
-    exp.set_train_mode(True)
-    from xdsl.train import distributed
-
-    if distributed.is_distributed():  # each process scored its own shard: add the counts up
-        counts = torch.stack([correct[n].float() for n in exp.networks] + [torch.tensor(float(total), device=device)])
-        torch.distributed.all_reduce(counts)
-        correct = dict(zip(exp.networks, counts[:-1]))
-        total = int(counts[-1])
-    return {n: float(c) / max(total, 1) for n, c in correct.items()}
-
-
-# evaluate items whose numbers are means over test samples: each process scores its shard, then merge
-_SHARDABLE = ("accuracy", "xross", "ensemble", "entropy")
-
-
-def _evaluate_sharded(exp, bundle, items: list[ir.EvalItem], device: torch.device, opts: RunOptions,
-                      snapshot_state) -> dict[str, Any]:
-    """The evaluate clause under torchrun: per-sample means are gathered across processes; flatness,
-    mapping and latency (not sums over samples) run on rank 0 over the whole test set."""
-    from xdsl.eval.evaluate import evaluate_items
-
-    shardable = [i for i in items if i.kind in _SHARDABLE]
-    rest = [i for i in items if i.kind not in _SHARDABLE]
-    mine = evaluate_items(exp, _shard(bundle, opts.rank, opts.world_size), shardable, device=device,
-                          snapshot_state=snapshot_state) if shardable else None
-    shards: list[Any] = [None] * opts.world_size
-    torch.distributed.all_gather_object(shards, mine)
-    if opts.rank != 0:
-        return {"items": []}
-    whole = evaluate_items(exp, bundle.test_loader(), rest, device=device,
-                           snapshot_state=snapshot_state) if rest else {"items": []}
-    merged = iter(_merge_shards(shards)["items"] if shardable else [])
-    others = iter(whole["items"])
-    return {"num_samples": len(bundle.test), "device": str(device), "processes": opts.world_size,
-            "items": [next(merged) if i.kind in _SHARDABLE else next(others) for i in items]}
-
-
-def _merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
-    """Sample-weighted means of accuracy / loss / entropy over the processes' shards (exact)."""
-    import copy
-
-    weights = [s["num_samples"] for s in shards]
-    total = sum(weights)
-    out = copy.deepcopy(shards[0])
-    out["num_samples"] = total
-
-    def merge(target: dict[str, Any], parts: list[dict[str, Any]]) -> None:
-        for key in ("accuracy", "loss", "entropy"):
-            if all(p.get(key) is not None for p in parts):
-                target[key] = sum(p[key] * w for p, w in zip(parts, weights)) / total
-
-    for i, item in enumerate(out["items"]):
-        parts = [s["items"][i] for s in shards]
-        merge(item, parts)
-        for key in ("rows", "members"):
-            for j, row in enumerate(item.get(key, [])):
-                merge(row, [p[key][j] for p in parts])
-    return out
-
-
-def _shard(bundle, rank: int, world: int):
-    """This process's share of the test set for per-epoch accuracy (every sample exactly once overall)."""
-    from torch.utils.data import DataLoader, Subset
-
-    if world == 1:
-        return bundle.test_loader()
-    return DataLoader(Subset(bundle.test, range(rank, len(bundle.test), world)), batch_size=bundle.batch_size,
-                      shuffle=False)
-
-
-def _check_finite(exp, losses: dict[str, torch.Tensor], stage: ir.Stage, epoch: int, step: int,
-                  ckpt: Path) -> None:
-    bad = [n for n, v in losses.items() if not torch.isfinite(v)]
-    if not bad:
-        return
-    net = bad[0]
-    terms = exp.last_terms.get(net, {})
-    bad_terms = [t for t, v in terms.items() if not torch.isfinite(v.detach()).all()]
-    which = f"term {bad_terms[0]} = {float(terms[bad_terms[0]].detach())}" if bad_terms else \
-        f"objective = {float(losses[net])}"
-    raise NonFiniteLoss(
-        f"non-finite loss in train block '{stage.name}', network '{net}', epoch {epoch + 1}, step {step}: {which}",
-        hint=f"lower the learning rate or set grad_clip; the last good checkpoint "
-             f"{ckpt if ckpt.exists() else '(none yet)'} is intact")
-
-
-def _train_stage(exp, stage: ir.Stage, bundle, out: Path, logger: _Logger, opts: RunOptions, seed: int,
-                 device: torch.device, initial_state: dict[str, Any], snapshots: bool,
-                 sampler=None) -> dict[str, Any]:
-    """Train one block (resuming if a checkpoint exists); return its per-network best/last accuracies."""
-    ckpt_dir = out / "checkpoints" / stage.name
-    last_path = ckpt_dir / "last.pt"
-    final_path = ckpt_dir / "final.pt"
-    root = exp.compiled.root
-
-    if stage.after is not None:
-        after = load_checkpoint(out / "checkpoints" / stage.after / "final.pt", device)
-        root.load_state_dict(after["modules"])
-    else:
-        root.load_state_dict(initial_state)
-    state = load_latest(last_path, device, warn=logger.console.print) if opts.resume else None
-    measure = stage.settings.get("map_channels")
-    mapping: list[dict[str, Any]] = []
-    if measure and state is None:
-        x, _ = next(iter(bundle.train_loader(epoch_seed=seed * 100_003)))
-        mapping = map_channels(exp, stage, x.to(device), measure)
-        for report in mapping:
-            logger.console.print(f"map_channels {report['network']} -> {report['reference']}: {report['text']}")
-        (ckpt_dir).mkdir(parents=True, exist_ok=True)
-        (ckpt_dir / "mapping.json").write_text(json.dumps(mapping, indent=2))
-    exp.use_stage(stage.name)
-
-    start_epoch, skip_batches, best = 0, 0, {}
-    if state is not None:
-        if state.get("done") and final_path.exists():
-            root.load_state_dict(load_checkpoint(final_path, device)["modules"])
-            set_rng_state(state["rng"])  # later blocks draw what they drew in the uninterrupted run
-            logger.console.print(f"[dim]train {stage.name}: already finished, skipped[/]")
-            return state["best"]
-        root.load_state_dict(state["modules"])
-        for net, opt in exp.optimizers.items():
-            opt.load_state_dict(state["optimizers"][net])
-        for net, sched in exp.schedulers.items():
-            if sched is not None:
-                sched.load_state_dict(state["schedulers"][net])
-        set_rng_state(state["rng"])
-        start_epoch, skip_batches, best = state["epoch"], state["batch"], state["best"]
-        exp.step_count = state["step_count"]
-        logger.truncate(stage.name, start_epoch)
-        logger.console.print(f"[dim]train {stage.name}: resumed at epoch {start_epoch + 1}, batch {skip_batches}[/]")
-    elif opts.resume:
-        logger.truncate(stage.name, 0)  # killed before its first checkpoint: the block's rows are redone
-    if exp.compile_mode is not None and opts.rank == 0:
-        count = 1 if stage.order == "simultaneous" else len(stage.trained)
-        logger.console.print(f"[dim]train {stage.name}: torch.compile ({exp.compile_mode}) of {count} objective(s) "
-                             "at the first step[/]")
-
-    def save(epoch: int, batch: int, done: bool = False) -> None:
-        if opts.rank != 0:
-            return
-        save_atomic({
-            "modules": root.state_dict(),
-            "optimizers": {n: o.state_dict() for n, o in exp.optimizers.items()},
-            "schedulers": {n: s.state_dict() for n, s in exp.schedulers.items() if s is not None},
-            "rng": rng_state(), "epoch": epoch, "batch": batch, "step_count": exp.step_count,
-            "best": best, "done": done, "stage": stage.name,
-        }, last_path, keep_previous=True)
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    max_steps = stage.settings.get("max_steps")
-    eval_every = stage.settings.get("eval_every") or 1
-    steps_done = 0
-    test_loader = _shard(bundle, opts.rank, opts.world_size)
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=logger.console,
-                        transient=True, disable=opts.quiet)
-    with progress:
-        for epoch in range(start_epoch, stage.epochs):
-            loader = bundle.train_loader(epoch_seed=seed * 100_003 + epoch, sampler=sampler)
-            n_batches = len(loader) if max_steps is None else min(len(loader), max_steps)
-            task = progress.add_task(f"{stage.name} {epoch + 1}/{stage.epochs}", total=n_batches, info="")
-            exp.set_train_mode(True)
-            sums = {n: torch.zeros((), device=device) for n in stage.trained}
-            count = 0
-            t0 = time.perf_counter()
-            batch = 0
-            position = skip_batches  # batches of this epoch whose step is complete
-            _Stop.deferring = True
-            try:
-                for batch, (x, y) in enumerate(loader):
-                    if batch >= n_batches:
-                        break
-                    if batch < skip_batches:
-                        progress.advance(task)
-                        continue
-                    if _Stop.requested:
-                        raise KeyboardInterrupt
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    if exp.channels_last and x.dim() == 4:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    losses = exp.train_step(x, y)
-                    position = batch + 1
-                    for n, v in losses.items():
-                        sums[n] += v
-                    count += 1
-                    steps_done += 1
-                    if device.type == "cpu" or steps_done % opts.log_every == 0:
-                        _check_finite(exp, losses, stage, epoch, batch, last_path)
-                        progress.update(task, info="  ".join(f"{n} {float(v):.3f}" for n, v in losses.items()))
-                    progress.advance(task)
-                    if opts.stop_after_steps is not None and steps_done >= opts.stop_after_steps:
-                        raise KeyboardInterrupt
-            except KeyboardInterrupt:
-                if _Stop.hard:  # a second signal, maybe mid-step: the last checkpoint stays as it was
-                    raise
-                save(epoch, position)
-                logger.console.print(f"interrupted: checkpoint written to {last_path}; continue with --resume "
-                                     f"--out {out}")
-                raise
-            finally:
-                _Stop.deferring = False
-            skip_batches = 0
-            progress.remove_task(task)
-            train_loss = {n: float(s) / max(count, 1) for n, s in sums.items()}
-            for n, v in train_loss.items():
-                if not math.isfinite(v):
-                    _check_finite(exp, {n: torch.tensor(v)}, stage, epoch, batch, last_path)
-            exp.scheduler_step()
-            seconds = time.perf_counter() - t0
-            acc = _accuracy(exp, test_loader, device) if (epoch + 1) % eval_every == 0 or \
-                epoch + 1 == stage.epochs else {}
-            for net in exp.networks:
-                if net not in stage.trained and net not in acc:
-                    continue
-                row = {"stage": stage.name, "epoch": epoch + 1, "network": net,
-                       "train_loss": train_loss.get(net), "test_acc": acc.get(net),
-                       "lr": exp.optimizers[net].param_groups[0]["lr"] if net in exp.optimizers else None,
-                       "seconds": round(seconds, 3), "trained": net in stage.trained}
-                logger.log(row)
-                if net in acc and acc[net] >= best.get(net, {}).get("acc", -1.0):
-                    best[net] = {"acc": acc[net], "epoch": epoch + 1}
-            logger.console.print(
-                f"{stage.name} epoch {epoch + 1}/{stage.epochs}  "
-                + "  ".join(f"{n}: loss {train_loss[n]:.4f}" for n in stage.trained)
-                + ("  |  " + "  ".join(f"{n} acc {100 * a:.2f}%" for n, a in acc.items()) if acc else "")
-                + f"  ({seconds:.1f}s)")
-            save(epoch + 1, 0)
-            if snapshots and opts.rank == 0:
-                save_atomic({"modules": {"parts": root.parts.state_dict(), "adapters": root.adapters.state_dict()},
-                             "epoch": epoch + 1}, ckpt_dir / f"epoch{epoch + 1}.pt")
-    if opts.rank == 0:
-        save_atomic({"modules": root.state_dict(), "stage": stage.name}, final_path)
-    save(stage.epochs, 0, done=True)
-    from xdsl.train.distributed import barrier
-
-    barrier()  # later blocks (`after`) and resumes read rank 0's files
-    return best
-
-
-def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any]:
-    """One seed: every train block, then its evaluation. Returns the results written to results.json."""
-    from xdsl.data import build_data
-    from xdsl.eval.evaluate import checkpoint_snapshots, evaluate_items
-    from xdsl.experiment import Experiment, compile_program
-    from xdsl.lang.format import format_spec
-
-    device = _device(opts.device)
-    _seed_everything(seed)
+def _experiment(spec: Path, opts: RunOptions, device: torch.device) -> Experiment:
     overrides = dict(opts.overrides)
     if opts.epochs is not None:
         overrides["epochs"] = str(opts.epochs)
     compiled = compile_program(spec, device=device, allow_imports=opts.allow_imports, overrides=overrides)
-    program = compiled.program
-    _set_threads(opts.threads, compiled, device)
+    set_threads(opts.threads, compiled.root, device)
     use_compile = opts.compile if opts.compile is not None else device.type == "cuda"
-    exp = Experiment(compiled, compile_mode=opts.compile_mode if use_compile else None,
-                     amp=_amp_dtype(opts.amp, device), channels_last=device.type == "cuda")
+    return Experiment(compiled, compile_mode=opts.compile_mode if use_compile else None,
+                      amp=amp_dtype(opts.amp, device), channels_last=device.type == "cuda")
+
+
+def _data(spec: Path, program: ir.Program, opts: RunOptions, seed: int, device: torch.device) -> tuple[DataBundle, Any]:
+    """The data bundle and, under torchrun, the sampler giving each process its share of the batches."""
     if program.data is None:
         raise SpecError("the spec has no 'data' statement, so it cannot be run", None,
                         'add e.g. `data digits(batch_size=64)`')
@@ -450,36 +353,38 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
                             device_is_cuda=device.type == "cuda")
     except XdslError as e:
         raise SpecError(e.message, program.data.pos, e.hint) from None
-    sampler = None
-    if "WORLD_SIZE" in os.environ:  # under torchrun (even with one process: the same batches for any N)
-        from torch.utils.data.distributed import DistributedSampler
+    if "WORLD_SIZE" not in os.environ:
+        return bundle, None
+    # under torchrun (even with one process: the same batches for any N)
+    from torch.utils.data.distributed import DistributedSampler
 
-        if bundle.batch_size % opts.world_size:
-            raise SpecError(f"batch_size {bundle.batch_size} is the global batch and must divide by the "
-                            f"{opts.world_size} processes", program.data.pos)
-        bundle.batch_size //= opts.world_size
-        sampler = DistributedSampler(bundle.train, num_replicas=opts.world_size, rank=opts.rank, shuffle=True,
-                                     seed=seed, drop_last=False)
+    if bundle.batch_size % opts.world_size:
+        raise SpecError(f"batch_size {bundle.batch_size} is the global batch and must divide by the "
+                        f"{opts.world_size} processes", program.data.pos)
+    bundle.batch_size //= opts.world_size
+    return bundle, DistributedSampler(bundle.train, num_replicas=opts.world_size, rank=opts.rank, shuffle=True,
+                                      seed=seed, drop_last=False)
+
+
+def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any]:
+    """One seed: every train block, then its evaluation. Returns the results written to results.json."""
+    device = pick_device(opts.device)
+    _seed_everything(seed)
+    exp = _experiment(spec, opts, device)
+    program, run = exp.program, RunDir(out)
+    bundle, sampler = _data(spec, program, opts, seed, device)
     if opts.rank == 0:
-        (out / "spec.xspec").write_text(format_spec(program.spec))
-    logger = _Logger(out, opts.quiet, opts.resume, enabled=opts.rank == 0)
-    initial_state = _module_state(exp)
+        run.spec.write_text(format_spec(program.spec))
+    logger = MetricsLogger(run, opts.quiet, opts.resume, enabled=opts.rank == 0)
+    initial_state = {k: v.detach().clone() for k, v in exp.compiled.root.state_dict().items()}
     snapshots = _uses_snapshots(program)
     results: dict[str, Any] = {"spec": str(spec), "seed": seed, "device": str(device), "stages": {}}
     try:
         for stage in program.stages:
-            best = _train_stage(exp, stage, bundle, out, logger, opts, seed, device, initial_state, snapshots,
-                                sampler)
+            block = _Block(exp, stage, bundle, run, logger, opts, seed, device, sampler)
+            best = train_block(block, initial_state, snapshots)
             exp.use_stage(stage.name)
-            items = program.evaluate or [ir.EvalItem("accuracy", (), {}, stage.pos)]
-            snapshot_state = checkpoint_snapshots(out, stage.name) if snapshots else None
-            with exp.autocast():
-                if opts.world_size > 1:
-                    evaluation = _evaluate_sharded(exp, bundle, items, device, opts, snapshot_state)
-                else:
-                    evaluation = evaluate_items(exp, bundle.test_loader(), items, device=device,
-                                                snapshot_state=snapshot_state)
-            results["stages"][stage.name] = {"best": best, "evaluate": evaluation}
+            results["stages"][stage.name] = {"best": best, "evaluate": _evaluate_block(block, snapshots)}
         if not program.stages:  # evaluate the networks as built (or as loaded with `weights`)
             items = program.evaluate or [ir.EvalItem("accuracy", (), {}, None)]
             results["stages"]["untrained"] = {"best": {}, "evaluate": evaluate_items(
@@ -487,9 +392,20 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
     finally:
         logger.close()
     if opts.rank == 0:
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        _plots(out, logger.rows, results)
+        run.results.write_text(json.dumps(results, indent=2))
+        _plots(run, logger.rows, results)
     return results
+
+
+def _evaluate_block(b: _Block, snapshots: bool) -> dict[str, Any]:
+    """The evaluate clause after a block (accuracy when the spec has none)."""
+    items = b.exp.program.evaluate or [ir.EvalItem("accuracy", (), {}, b.stage.pos)]
+    snapshot_state = checkpoint_snapshots(b.run.root, b.stage.name) if snapshots else None
+    with b.exp.autocast():
+        if b.opts.world_size > 1:
+            return evaluate_sharded(b.exp, b.bundle, items, b.device, b.opts.rank, b.opts.world_size,
+                                    snapshot_state)
+        return evaluate_items(b.exp, b.bundle.test_loader(), items, device=b.device, snapshot_state=snapshot_state)
 
 
 def _uses_snapshots(program: ir.Program) -> bool:
@@ -503,50 +419,21 @@ def _uses_snapshots(program: ir.Program) -> bool:
     return False
 
 
-SMALL_MODEL_PARAMS = 5_000_000  # below this, one CPU thread beats several (op overheads dominate)
-
-
-def _set_threads(threads: int | None, compiled, device: torch.device) -> None:
-    """CPU intra-op threads: tiny convolutions run fastest single-threaded, big ones use every core."""
-    if device.type != "cpu":
-        return
-    if threads is None:
-        params = sum(p.numel() for p in compiled.root.parameters())
-        threads = 1 if params < SMALL_MODEL_PARAMS else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, threads))
-
-
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if amp == "none":
-        return None
-    if amp == "bf16":
-        return torch.bfloat16
-    if amp == "fp16":  # fp16 underflows without loss scaling; bf16 has fp32's range and needs none
-        raise XdslError("--amp fp16 is not supported: it needs loss scaling, which xdsl does not do",
-                        hint="use --amp bf16 (same speed on Ampere and newer GPUs, no scaling needed)")
-    raise XdslError(f"--amp: unknown value '{amp}'", hint="auto, bf16 or none")
-
-
-def _plots(out: Path, rows: list[dict[str, Any]], results: dict[str, Any]) -> None:
+def _plots(run: RunDir, rows: list[dict[str, Any]], results: dict[str, Any]) -> None:
     try:
         from xdsl.viz.plots import plot_acc_vs_params, plot_learning_curves, plot_xross_heatmap
-    except ImportError:
+    except ImportError:  # matplotlib is the optional `viz` extra
         return
-    plot_learning_curves(rows, out / "learning_curves.png")
+    plot_learning_curves(rows, run.plot("learning_curves"))
     for stage, r in results["stages"].items():
         for item in r["evaluate"].get("items", []):
             if item.get("kind") == "xross":
-                plot_xross_heatmap(item, out / f"xross_{stage}.png")
-                plot_acc_vs_params(item, out / f"acc_vs_params_{stage}.png")
+                plot_xross_heatmap(item, run.plot("xross", stage))
+                plot_acc_vs_params(item, run.plot("acc_vs_params", stage))
 
 
 def run(spec: Path, opts: RunOptions) -> dict[str, Any]:
     """Run a spec for `opts.seeds` seeds; print the results table (mean +/- std over seeds)."""
-    from xdsl.eval.summary import print_run_summary
-    from xdsl.train import distributed as ddp
-
     spec = Path(spec)
     if not spec.exists():
         raise XdslError(f"spec '{spec}' does not exist")
@@ -567,7 +454,7 @@ def run(spec: Path, opts: RunOptions) -> dict[str, Any]:
         all_results = []
         for i in range(opts.seeds):
             seed = opts.seed + i
-            seed_out = out if opts.seeds == 1 else out / f"seed{seed}"
+            seed_out = out if opts.seeds == 1 else RunDir(out).seed(seed).root
             seed_out.mkdir(parents=True, exist_ok=True)
             all_results.append(run_one(spec, opts, seed, seed_out))
     finally:
@@ -575,39 +462,7 @@ def run(spec: Path, opts: RunOptions) -> dict[str, Any]:
             signal.signal(sig, handler)
     summary = print_run_summary(all_results, quiet=opts.quiet)
     if opts.seeds > 1 and opts.rank == 0:
-        (out / "results.json").write_text(json.dumps({"seeds": all_results, "summary": summary}, indent=2))
+        RunDir(out).results.write_text(json.dumps({"seeds": all_results, "summary": summary}, indent=2))
     if not opts.quiet:
         print(f"run directory: {out}")
     return {"out": str(out), "results": all_results, "summary": summary}
-
-
-def evaluate_checkpoint(spec: Path, checkpoint: Path, *, device: str = "auto", allow_imports: bool = False) -> dict:
-    """`xdsl eval`: load a checkpoint's weights into the spec's modules and run its evaluate clause."""
-    from xdsl.data import build_data
-    from xdsl.eval.evaluate import evaluate_items
-    from xdsl.eval.tables import render_results
-    from xdsl.experiment import Experiment, compile_program
-
-    dev = _device(device)
-    compiled = compile_program(spec, device=dev, allow_imports=allow_imports)
-    state = load_checkpoint(checkpoint, dev)
-    try:
-        compiled.root.load_state_dict(state["modules"])
-    except (KeyError, RuntimeError) as e:
-        raise XdslError(f"checkpoint '{checkpoint}' does not fit the spec's modules: {str(e).splitlines()[0]}") \
-            from None
-    exp = Experiment(compiled)
-    if state.get("stage") in {s.name for s in compiled.program.stages}:
-        exp.use_stage(state["stage"])  # evaluate as that block left things (e.g. which adapters link parts)
-    program = compiled.program
-    if program.data is None:
-        raise SpecError("the spec has no 'data' statement, so it cannot be evaluated", None)
-    bundle = build_data(program.data.name, program.data.kwargs, spec_dir=Path(spec).resolve().parent)
-    items = program.evaluate or [ir.EvalItem("accuracy", (), {}, None)]
-    results = evaluate_items(exp, bundle.test_loader(), items, device=dev)
-    from rich.console import Console
-
-    for table in render_results(results):
-        Console().print(table)
-    return results
-

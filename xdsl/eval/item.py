@@ -1,0 +1,140 @@
+"""The shape of an evaluate item: one class per item, one file per class, registered in
+`xdsl/eval/items/__init__.py`. The checker reads the signature (`takes`, `keywords`,
+`check_keywords`); evaluation calls the rest, in the style of a torch.fx pass:
+
+    plan(job)            ask the shared pass over the test set for paths / ensembles / features
+    compute(job)         after the pass: this process's result (items with their own passes run them here)
+    merge(shards, n)     results of several processes' test shards -> one (per-sample means: exact)
+    tables(result)       the result as tables (`xdsl.eval.table.Tab`)
+    columns(result)      its cells in the one-line-per-train-block summary `xdsl run` ends with
+
+Item modules import nothing above `lang` at run time (the checker imports them); they run paths
+through the `Engine` they are handed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from xdsl.eval.paths import path_label
+from xdsl.eval.table import Tab
+from xdsl.lang import ir
+
+if TYPE_CHECKING:
+    import torch
+
+    from xdsl.eval.engine import Engine, Pass
+    from xdsl.experiment import Experiment
+
+__all__ = ["EvaluateItem", "Context", "Result"]
+
+Result = dict[str, Any]
+"""An item's result: JSON data with at least "kind" and "title" (results.json keeps it as is)."""
+
+
+@dataclass
+class Context:
+    """What every item of one evaluation sees."""
+
+    exp: Experiment
+    engine: Engine
+    loader: Iterable            # the test batches of this process
+    device: torch.device
+    seed: int = 0               # makes random draws (flatness noise) reproducible
+
+
+class EvaluateItem:
+    """Base class of the evaluate items; a subclass sets the class variables and overrides the methods."""
+
+    name: ClassVar[str]
+    takes: ClassVar[Literal["paths", "networks"]] = "paths"   # what the positional arguments are
+    keywords: ClassVar[dict[str, Any]] = {}                     # accepted keywords and their defaults
+    min_networks: ClassVar[int] = 0                             # for takes="networks"
+    per_sample: ClassVar[bool] = True   # numbers are means over test samples: shards merge exactly
+    title_keywords: ClassVar[bool] = False                      # show keywords in the title
+
+    def __init__(self, spec: ir.EvalItem, index: int, ctx: Context):
+        self.spec = spec
+        self.index = index          # position in the evaluate clause
+        self.ctx = ctx
+        self.exp = ctx.exp
+        self.engine = ctx.engine
+        self.program = ctx.exp.program
+
+    # ---- checking (class level: the checker has no experiment) ----
+    @classmethod
+    def check_keywords(cls, kwargs: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
+        """(keyword, message, hint) when a keyword's value is wrong beyond its type, else None."""
+        return None
+
+    # ---- evaluation ----
+    @property
+    def title(self) -> str:
+        args = [path_label(self.program, a) if isinstance(a, ir.Path) else str(a) for a in self.spec.args]
+        if self.title_keywords:
+            args += [f"{k}={v}" for k, v in self.spec.kwargs.items()]
+        return f"{self.spec.kind}({', '.join(args)})" if args else self.spec.kind
+
+    def plan(self, job: Pass) -> None:
+        """Register what the shared pass must compute; raise `Unavailable` if the item cannot run."""
+
+    def compute(self, job: Pass) -> Result:
+        """This process's result, after the shared pass."""
+        raise NotImplementedError
+
+    def result(self, **fields: Any) -> Result:
+        return {"kind": self.spec.kind, "title": self.title, **fields}
+
+    # ---- helpers for subclasses ----
+    def paths(self) -> list[ir.Path]:
+        """The item's path arguments; every network's own full path when there are none."""
+        paths = [a for a in self.spec.args if isinstance(a, ir.Path)]
+        return paths or [self.program.natural_path(net) for net in self.program.networks]
+
+    def networks(self) -> list[str]:
+        return [str(a) for a in self.spec.args] or list(self.program.networks)
+
+    def need(self, job: Pass, path: ir.Path) -> None:
+        """Ask the shared pass for `path`'s statistics (if it can be run at all)."""
+        if self.engine.check(path) is None:
+            job.paths.setdefault(str(path), path)
+
+    def path_row(self, job: Pass, path: ir.Path) -> Result:
+        """Accuracy, CE loss, entropy and #params of one path, or why it has none."""
+        key = str(path)
+        row: Result = {"path": key, "label": path_label(self.program, path)}
+        problem = self.engine.problem(path, job)
+        if problem is not None:
+            return {**row, "accuracy": None, "loss": None, "entropy": None, "params": None, "status": problem}
+        return {**row, **job.stats[key].summary(), "params": self.engine.params(path), "status": "ok"}
+
+    # ---- results of several processes, tables, summary ----
+    @classmethod
+    def merge(cls, shards: Sequence[Result], weights: Sequence[int]) -> Result:
+        """Sample-weighted means of accuracy / loss / entropy over the shards, in the item, its rows
+        and its members (exact for per-sample items)."""
+        total = sum(weights)
+        out = copy.deepcopy(shards[0])
+
+        def mean(target: Result, parts: list[Result]) -> None:
+            for key in ("accuracy", "loss", "entropy"):
+                if all(p.get(key) is not None for p in parts):
+                    target[key] = sum(p[key] * w for p, w in zip(parts, weights)) / total
+
+        mean(out, list(shards))
+        for key in ("rows", "members"):
+            for j, row in enumerate(out.get(key, [])):
+                mean(row, [s[key][j] for s in shards])
+        return out
+
+    @classmethod
+    def tables(cls, result: Mapping[str, Any]) -> list[Tab]:
+        return []
+
+    @classmethod
+    def columns(cls, result: Mapping[str, Any], n_networks: int | None) -> dict[str, float | None]:
+        """Accuracy cells for the run summary (column name -> value); most items add none."""
+        return {}

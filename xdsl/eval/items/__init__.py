@@ -1,0 +1,21 @@
+"""The registry of evaluate items: the one place an item is added (see `xdsl.eval.item`).
+
+The checker takes the names, argument kinds and keywords of `evaluate` items from here, and
+evaluation, sharded merging, the tables and the run summary dispatch through it.
+"""
+
+from xdsl.eval.item import EvaluateItem
+from xdsl.eval.items.accuracy import Accuracy
+from xdsl.eval.items.ensemble import Ensemble
+from xdsl.eval.items.entropy import Entropy
+from xdsl.eval.items.flatness import Flatness
+from xdsl.eval.items.latency import Latency
+from xdsl.eval.items.mapping import ChannelMapping
+from xdsl.eval.items.xross import Xross
+from xdsl.registry import Registry
+
+__all__ = ["EVALUATIONS"]
+
+EVALUATIONS: Registry[type[EvaluateItem]] = Registry("evaluation")
+for _item in (Accuracy, Xross, Ensemble, Entropy, Flatness, ChannelMapping, Latency):
+    EVALUATIONS.register(_item.name, _item)

@@ -1,0 +1,93 @@
+"""Evaluation under torchrun: each process scores its share of the test set and the shares are merged.
+
+Items whose numbers are means over test samples (`EvaluateItem.per_sample`) run on every process's
+shard and merge exactly (sample-weighted means); the others (flatness, mapping, latency) run on
+rank 0 over the whole test set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from xdsl.eval.engine import SnapshotState
+from xdsl.eval.evaluate import evaluate_items
+from xdsl.eval.items import EVALUATIONS
+from xdsl.lang import ir
+
+if TYPE_CHECKING:
+    from xdsl.data import DataBundle
+    from xdsl.experiment import Experiment
+
+__all__ = ["shard_loader", "epoch_accuracy", "evaluate_sharded", "merge_shards"]
+
+
+def shard_loader(bundle: DataBundle, rank: int, world: int) -> Iterable:
+    """This process's share of the test set (every sample exactly once over all processes)."""
+    if world == 1:
+        return bundle.test_loader()
+    return DataLoader(Subset(bundle.test, range(rank, len(bundle.test), world)), batch_size=bundle.batch_size,
+                      shuffle=False)
+
+
+def epoch_accuracy(exp: Experiment, loader: Iterable, device: torch.device,
+                   max_batches: int | None = None) -> dict[str, float]:
+    """Top-1 test accuracy of every network (the per-epoch metric; `evaluate` does the rest); under
+    torchrun each process scores its shard and the counts are added up."""
+    exp.set_train_mode(False)
+    correct = {n: torch.zeros((), device=device) for n in exp.networks}
+    total = 0
+    with torch.no_grad(), exp.autocast():
+        for i, (x, y) in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            for net in exp.networks:
+                correct[net] += (exp.forward(net, x).argmax(-1) == y).sum()
+            total += len(y)
+    exp.set_train_mode(True)
+    if _distributed():  # each process scored its own shard: add the counts up
+        counts = torch.stack([correct[n].float() for n in exp.networks] + [torch.tensor(float(total), device=device)])
+        torch.distributed.all_reduce(counts)
+        correct = dict(zip(exp.networks, counts[:-1]))
+        total = int(counts[-1])
+    return {n: float(c) / max(total, 1) for n, c in correct.items()}
+
+
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _per_sample(item: ir.EvalItem) -> bool:
+    return item.kind in EVALUATIONS and EVALUATIONS.get(item.kind).per_sample
+
+
+def evaluate_sharded(exp: Experiment, bundle: DataBundle, items: list[ir.EvalItem], device: torch.device,
+                     rank: int, world: int, snapshot_state: SnapshotState | None) -> dict[str, Any]:
+    """The evaluate clause over `world` processes; rank 0 gets the whole result, the others `{"items": []}`."""
+    shardable = [i for i in items if _per_sample(i)]
+    rest = [i for i in items if not _per_sample(i)]
+    mine = evaluate_items(exp, shard_loader(bundle, rank, world), shardable, device=device,
+                          snapshot_state=snapshot_state) if shardable else None
+    shards: list[Any] = [None] * world
+    torch.distributed.all_gather_object(shards, mine)
+    if rank != 0:
+        return {"items": []}
+    whole = evaluate_items(exp, bundle.test_loader(), rest, device=device,
+                           snapshot_state=snapshot_state) if rest else {"items": []}
+    merged = iter(merge_shards(shards)["items"] if shardable else [])
+    others = iter(whole["items"])
+    return {"num_samples": len(bundle.test), "device": str(device), "processes": world,
+            "items": [next(merged) if _per_sample(i) else next(others) for i in items]}
+
+
+def merge_shards(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several processes' results of the same items -> one, each item merged by its own class."""
+    weights = [s["num_samples"] for s in shards]
+    items = [EVALUATIONS.get(item["kind"]).merge([s["items"][i] for s in shards], weights)
+             for i, item in enumerate(shards[0]["items"])]
+    return {**shards[0], "num_samples": sum(weights), "items": items}

@@ -1,0 +1,47 @@
+"""Where a run computes: the device, CPU threads and autocast dtype chosen from the command line."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from xdsl.errors import XdslError
+
+__all__ = ["pick_device", "set_threads", "amp_dtype", "SMALL_MODEL_PARAMS"]
+
+SMALL_MODEL_PARAMS = 5_000_000  # below this, one CPU thread beats several (op overheads dominate)
+
+
+def pick_device(name: str) -> torch.device:
+    """`auto` is CUDA when available, else CPU; asking for CUDA without it is an error, not a fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise XdslError(f"--device {name}: CUDA is not available on this machine", hint="use --device cpu")
+    return torch.device(name)
+
+
+def set_threads(threads: int | None, root: nn.Module, device: torch.device) -> None:
+    """CPU intra-op threads: tiny convolutions run fastest single-threaded, big ones use every core."""
+    if device.type != "cpu":
+        return
+    if threads is None:
+        params = sum(p.numel() for p in root.parameters())
+        threads = 1 if params < SMALL_MODEL_PARAMS else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, threads))
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """--amp: auto = bf16 on CUDA, none elsewhere."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if amp == "none":
+        return None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":  # fp16 underflows without loss scaling; bf16 has fp32's range and needs none
+        raise XdslError("--amp fp16 is not supported: it needs loss scaling, which xdsl does not do",
+                        hint="use --amp bf16 (same speed on Ampere and newer GPUs, no scaling needed)")
+    raise XdslError(f"--amp: unknown value '{amp}'", hint="auto, bf16 or none")

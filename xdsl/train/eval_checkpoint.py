@@ -1,0 +1,44 @@
+"""`xdsl eval SPEC --checkpoint FILE`: load saved weights into the spec's modules, run its evaluate clause."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from xdsl.data import build_data
+from xdsl.errors import SpecError, XdslError
+from xdsl.eval.evaluate import evaluate_items
+from xdsl.eval.tables import render_results
+from xdsl.experiment import Experiment, compile_program
+from xdsl.lang import ir
+from xdsl.train.checkpoint import load_checkpoint
+from xdsl.train.device import pick_device
+
+__all__ = ["evaluate_checkpoint"]
+
+
+def evaluate_checkpoint(spec: Path, checkpoint: Path, *, device: str = "auto",
+                        allow_imports: bool = False) -> dict[str, Any]:
+    """Evaluate a checkpoint written by `xdsl run` and print the tables; return the results."""
+    dev = pick_device(device)
+    compiled = compile_program(spec, device=dev, allow_imports=allow_imports)
+    state = load_checkpoint(checkpoint, dev)
+    try:
+        compiled.root.load_state_dict(state["modules"])
+    except (KeyError, RuntimeError) as e:
+        raise XdslError(f"checkpoint '{checkpoint}' does not fit the spec's modules: {str(e).splitlines()[0]}") \
+            from None
+    exp = Experiment(compiled)
+    if state.get("stage") in {s.name for s in compiled.program.stages}:
+        exp.use_stage(state["stage"])  # evaluate as that block left things (e.g. which adapters link parts)
+    program = compiled.program
+    if program.data is None:
+        raise SpecError("the spec has no 'data' statement, so it cannot be evaluated", None)
+    bundle = build_data(program.data.name, program.data.kwargs, spec_dir=Path(spec).resolve().parent)
+    items = program.evaluate or [ir.EvalItem("accuracy", (), {}, None)]
+    results = evaluate_items(exp, bundle.test_loader(), items, device=dev)
+    for table in render_results(results):
+        Console().print(table)
+    return results
