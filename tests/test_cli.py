@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -59,7 +60,23 @@ def test_graph_formats(tmp_path):
     png = tmp_path / "g.png"
     result = runner.invoke(app, ["graph", QUICKSTART, "--format", "png", "--out", str(png)])
     assert result.exit_code == 0, result.output
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if shutil.which("dot"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:  # no Graphviz: it says so and writes the texts instead of an unreadable drawing
+        assert "Graphviz is not installed" in result.output and not png.exists()
+        assert (tmp_path / "g.dot").read_text().startswith("digraph xdsl {")
+        assert (tmp_path / "g.mmd").read_text().startswith("flowchart LR")
+
+
+def test_graph_image_is_never_written_beside_the_spec(tmp_path, monkeypatch):
+    spec = tmp_path / "specs" / "q.xspec"
+    spec.parent.mkdir()
+    spec.write_text(Path(QUICKSTART).read_text())
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["graph", str(spec), "--format", "svg"])
+    assert result.exit_code == 0, result.output
+    assert {p.name for p in spec.parent.iterdir()} == {"q.xspec"}
+    assert list((tmp_path / "runs").glob("q-graph.*"))
 
 
 def test_spec_errors_exit_with_code_2_and_no_traceback(tmp_path):

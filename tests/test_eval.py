@@ -294,20 +294,39 @@ def test_best_path():
 
 def test_plots(tmp_path, two_parts):
     pytest.importorskip("matplotlib")
-    from xdsl.viz.plots import plot_acc_vs_params, plot_learning_curves, plot_xross_heatmap
+    from xdsl.viz.plots import plot_acc_vs_params, plot_learning_curves, plot_xross, plot_xross_heatmap
 
     _, _, results, _ = two_parts
     metrics = [{"stage": st, "epoch": e, "network": n, "train_loss": 2.0 / e, "test_acc": 0.1 * e}
                for st in ("a", "b") for e in (1, 2, 3) for n in ("net1", "net2")]
     out = [plot_learning_curves(metrics, tmp_path / "curves.png"),
            plot_xross_heatmap(results, tmp_path / "xross.png"),
-           plot_acc_vs_params(find_items(results, "xross")[0], tmp_path / "acc_params.png")]
+           plot_xross({"a": results, "b": results}, tmp_path / "xross_blocks.png", chance=0.1)]
     three = {"kind": "xross", "parts": ["p1", "p2", "p3"], "networks": ["a", "b"],
-             "rows": [{"networks": list(n), "accuracy": 0.5, "params": 10} for n in
+             "rows": [{"networks": list(n), "accuracy": 0.5, "params": 10 * len(set(n))} for n in
                       (("a", "a", "a"), ("a", "b", "a"))] + [{"networks": ["b", "b", "b"], "accuracy": None}]}
     out.append(plot_xross_heatmap(three, tmp_path / "xross3.png"))
+    out.append(plot_acc_vs_params(three, tmp_path / "acc_params.png"))
     for f in out:
         assert f is not None and f.exists() and f.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_accuracy_vs_params_is_drawn_only_where_parameter_counts_differ(tmp_path):
+    pytest.importorskip("matplotlib")
+    from xdsl.viz.plots import plot_acc_vs_params
+
+    same = {"kind": "xross", "parts": ["up", "down"], "networks": ["a", "b"],
+            "rows": [{"networks": [u, d], "accuracy": 0.5, "params": 100} for u in "ab" for d in "ab"]}
+    assert plot_acc_vs_params(same, tmp_path / "same.png") is None and not (tmp_path / "same.png").exists()
+
+
+def test_learning_curves_leave_out_networks_a_block_does_not_train(tmp_path):
+    pytest.importorskip("matplotlib")
+    from xdsl.viz.plots import _series
+
+    rows = [{"stage": "kd", "epoch": e, "network": n, "train_loss": 1.0, "test_acc": 0.5, "trained": n == "student"}
+            for e in (1, 2) for n in ("teacher", "student")]
+    assert list(_series(rows)) == [("kd", "student")]
 
 
 def test_xross_links_parts_through_the_current_blocks_adapters(tmp_path):

@@ -70,7 +70,7 @@ def test_run_directory_holds_what_the_docs_list(digits_run) -> None:
     _, out, _ = digits_run
     expected = {"spec.xspec", "metrics.jsonl", "metrics.csv", "results.json", "checkpoints"}
     if HAS_MPL:
-        expected |= {"learning_curves.png", "xross_dml.png", "acc_vs_params_dml.png"}
+        expected |= {"learning_curves.png", "xross.png"}  # equal parameter counts: no acc-vs-params plot
     assert expected <= {p.name for p in out.iterdir()}
     if HAS_MPL:
         for png in out.glob("*.png"):

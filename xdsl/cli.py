@@ -1,4 +1,4 @@
-"""The `xdsl` command line: check | expand | compile | graph | run | eval | bench.
+"""The `xdsl` command line: check | expand | compile | graph | run | sweep | compare | eval | bench.
 
 Errors in specs, data or checkpoints print as one located message and exit with code 2;
 a Python traceback appears only with `--debug`.
@@ -101,27 +101,28 @@ def compile_cmd(spec: Path = SpecArg, as_json: bool = typer.Option(False, "--jso
 @app.command("graph")
 def graph_cmd(spec: Path = SpecArg,
               fmt: str = typer.Option("dot", "--format", help="dot | mermaid | svg | png"),
-              out: Path | None = typer.Option(None, "--out", "-o", help="output file (default: beside the spec)")
+              blocks: list[str] = typer.Option([], "--block", help="only this train block (repeatable)"),
+              out: Path | None = typer.Option(None, "--out", "-o",
+                                              help="output file (default: dot/mermaid to stdout, "
+                                                   "svg/png to runs/<spec>-graph.<format>)")
               ) -> None:
-    """Draw the computation graph: inputs, parts, adapters, loss terms, objectives."""
-    from xdsl.viz.graph_render import render_image, to_dot, to_mermaid
+    """Explain the experiment: per train block, networks as clusters of their parts, crossed edges
+    highlighted, detached targets dashed, every term's weight, every objective with its network."""
+    from xdsl.viz.explain import block_graphs, render, to_dot, to_mermaid
 
     try:
-        c = _compile(spec)
+        if fmt not in ("dot", "mermaid", "svg", "png"):
+            raise XdslError(f"unknown format '{fmt}'", hint="dot, mermaid, svg or png")
+        graphs = block_graphs(_compile(spec), blocks)
+        if out is None and fmt in ("dot", "mermaid"):
+            typer.echo(to_dot(graphs) if fmt == "dot" else to_mermaid(graphs), nl=False)
+            return
+        written, note = render(graphs, out or Path("runs") / f"{spec.stem}-graph.{fmt}", fmt)
     except XdslError as e:
         _fail(e)
-    if fmt in ("dot", "mermaid"):
-        text = to_dot(c.graph) if fmt == "dot" else to_mermaid(c.graph)
-        if out:
-            out.write_text(text)
-        else:
-            typer.echo(text, nl=False)
-        return
-    if fmt not in ("svg", "png"):
-        _fail(XdslError(f"unknown format '{fmt}'", hint="dot, mermaid, svg or png"))
-    target = out or spec.with_suffix(f".{fmt}")
-    render_image(c.graph, target, fmt)
-    typer.echo(f"wrote {target}")
+    if note:
+        typer.echo(f"note: {note}", err=True)
+    typer.echo("wrote " + ", ".join(str(w) for w in written))
 
 
 def _parse_sets(sets: list[str]) -> dict[str, str]:
@@ -152,7 +153,12 @@ def run_cmd(spec: Path = SpecArg,
             allow_imports: bool = typer.Option(False, help="allow 'package.module:callable' models from anywhere"),
             nproc: int = typer.Option(0, "--nproc", help="launch N data-parallel processes with torchrun"),
             threads: int | None = typer.Option(None, "--threads", help="CPU threads (default: 1 for small models)"),
-            quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars or tables"),
+            quiet: bool = typer.Option(False, "--quiet", "-q",
+                                       help="no progress bars or per-block tables (the results table stays)"),
+            mlflow: str | None = typer.Option(None, "--mlflow", help="log to MLflow at this tracking URI "
+                                                                      "(e.g. file:./mlruns)"),
+            wandb: str | None = typer.Option(None, "--wandb", help="log to this Weights & Biases project "
+                                                                    "(WANDB_MODE=offline works offline)"),
             ) -> None:
     """Train every train block of the spec, evaluate, and write metrics, checkpoints and plots."""
     from xdsl.train.runner import RunOptions, run
@@ -164,13 +170,96 @@ def run_cmd(spec: Path = SpecArg,
     try:
         opts = RunOptions(out=out, resume=resume, epochs=epochs, seeds=seeds, seed=seed, device=device,
                           compile=compile_, compile_mode=compile_mode, amp=amp, overrides=_parse_sets(sets),
-                          allow_imports=allow_imports, threads=threads, quiet=quiet)
+                          allow_imports=allow_imports, threads=threads, quiet=quiet, mlflow=mlflow, wandb=wandb)
         run(spec, opts)
     except XdslError as e:
         _fail(e)
     except KeyboardInterrupt:
         typer.echo("interrupted: the last checkpoint is intact; continue with --resume", err=True)
         raise typer.Exit(130) from None
+
+
+@app.command("sweep")
+def sweep_cmd(spec: Path = SpecArg,
+              grid: list[str] = typer.Option([], "--grid", help="KEY=v1,v2,...: a --set key and its values "
+                                                                "(repeat for a grid)"),
+              grid_file: Path | None = typer.Option(None, "--grid-file", help="KEY=v1,v2 lines, or JSON "
+                                                                             "{KEY: [v1, v2]}"),
+              seeds: int = typer.Option(1, "--seeds", help="seeds per configuration"),
+              seed: int = typer.Option(0, "--seed", help="first seed"),
+              out: Path | None = typer.Option(None, "--out", help="sweep directory (default sweeps/<spec>-<time>)"),
+              resume: bool = typer.Option(False, "--resume", help="skip finished runs, continue the others"),
+              launcher: str = typer.Option("local", "--launcher", help="local | submitit"),
+              jobs: int = typer.Option(1, "--jobs", help="local: runs at a time (one GPU each when several)"),
+              nproc: int = typer.Option(1, "--nproc", help="processes (GPUs) per run, under torchrun"),
+              partition: str | None = typer.Option(None, "--partition", help="submitit: SLURM partition"),
+              time_min: int = typer.Option(60, "--time", help="submitit: time limit per run (minutes)"),
+              gpus: int = typer.Option(0, "--gpus", help="submitit: GPUs per run"),
+              cpus: int | None = typer.Option(None, "--cpus", help="submitit: CPUs per run"),
+              cluster: str | None = typer.Option(None, "--cluster",
+                                                 help="submitit: slurm | local | debug (default: slurm when "
+                                                      "available, else local)"),
+              sets: list[str] = typer.Option([], "--set", help="a setting shared by every configuration"),
+              device: str | None = typer.Option(None, "--device", help="passed to every run"),
+              threads: int | None = typer.Option(None, "--threads", help="CPU threads per run"),
+              metric: str = typer.Option("mean", "--metric",
+                                         help="column ranking the configurations (default: mean network "
+                                              "accuracy)"),
+              allow_imports: bool = typer.Option(False, help="allow 'package.module:callable' models"),
+              mlflow: str | None = typer.Option(None, "--mlflow", help="every run logs to this MLflow URI"),
+              wandb: str | None = typer.Option(None, "--wandb", help="every run logs to this W&B project"),
+              ) -> None:
+    """Run every configuration of a --grid of --set values, for --seeds seeds, and tabulate mean +/- std."""
+    from xdsl.sweep import SweepOptions, sweep
+    from xdsl.sweep.grid import parse_grid, read_grid_file
+    from xdsl.sweep.launch import SlurmOptions
+
+    try:
+        table = read_grid_file(grid_file) if grid_file else {}
+        for key, values in parse_grid(grid).items():
+            if key in table:
+                raise XdslError(f"--grid {key} is also in the grid file {grid_file}")
+            table[key] = values
+        run_options = (["--device", device] if device else []) + (["--threads", str(threads)] if threads else [])
+        run_options += (["--mlflow", mlflow] if mlflow else []) + (["--wandb", wandb] if wandb else [])
+        opts = SweepOptions(grid=table, seeds=seeds, seed=seed, out=out, resume=resume, launcher=launcher,
+                            jobs=jobs, nproc=nproc, fixed=_parse_sets(sets), run_options=run_options,
+                            allow_imports=allow_imports, metric=metric,
+                            slurm=SlurmOptions(partition=partition, time_min=time_min, gpus=gpus, cpus=cpus,
+                                               cluster=cluster))
+        sweep(spec, opts, echo=typer.echo)
+    except XdslError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished runs are kept; continue with --resume --out DIR", err=True)
+        raise typer.Exit(130) from None
+
+
+@app.command("compare")
+def compare_cmd(runs: list[Path] = typer.Argument(..., help="run directories and sweep directories"),
+                plot: Path | None = typer.Option(None, "--plot", help="also draw the learning curves of every "
+                                                                      "run on shared axes into this PNG"),
+                ) -> None:
+    """One results table across runs and sweeps: same train blocks and columns aligned, missing cells blank."""
+    from xdsl.compare import compare_table, entry_curves, load_entries
+    from xdsl.console import make_console, print_table
+
+    try:
+        entries = load_entries(runs)
+    except XdslError as e:
+        _fail(e)
+    print_table(make_console(), compare_table(entries))
+    if plot is not None:
+        from xdsl.viz.plots import plot_compare_curves
+
+        try:
+            written = plot_compare_curves({e.label: entry_curves(e) for e in entries}, plot)
+        except OSError as e:
+            _fail(XdslError(f"cannot write '{plot}': {e.strerror or e}"))
+        if written is None:
+            _fail(XdslError("--plot needs matplotlib and per-epoch metrics (metrics.jsonl) in the runs",
+                            hint="pip install 'xdsl-distill[viz]'"))
+        typer.echo(f"wrote {written}")
 
 
 @app.command("eval")

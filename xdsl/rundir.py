@@ -7,7 +7,9 @@
         checkpoints/<block>/    last.pt (resumable, atomic), final.pt (weights only),
                                 epoch<k>.pt (snapshots, when `evaluate` names `net@k`), mapping.json
         tensorboard/            TensorBoard events, when tensorboard is installed
-        *.png                   learning curves, Xross heatmap, accuracy vs #params
+        *.png                   learning curves, Xross heatmaps of every block, accuracy vs #params
+        graph.svg               what each train block computes (graph.dot + graph.mmd without Graphviz)
+        report.html             one self-contained page: results, per-term losses, plots, graph, spec
         seed<k>/                one such directory per seed under `--seeds N`
 """
 
@@ -48,6 +50,14 @@ class RunDir:
     @property
     def results(self) -> Path:
         return self.root / "results.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.html"
+
+    @property
+    def graph(self) -> Path:
+        return self.root / "graph.svg"
 
     @property
     def tensorboard(self) -> Path:

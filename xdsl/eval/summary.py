@@ -50,19 +50,23 @@ def _cell(vals: list[float] | None) -> str:
     return f"{100 * statistics.mean(vals):.2f} ± {100 * statistics.stdev(vals):.2f}"
 
 
-def print_run_summary(all_results: list[dict[str, Any]], quiet: bool = False) -> dict[str, Any]:
-    """Print every block's detailed tables, then the comparison table; return it as a dict."""
-    from rich.console import Console
+def print_run_summary(all_results: list[dict[str, Any]], quiet: bool = False, show: bool = True) -> dict[str, Any]:
+    """Print every block's detailed tables, then the comparison table; return it as a dict.
+
+    `quiet` (`xdsl run -q`) leaves out the detailed tables but still prints the comparison table: a quiet
+    run's log must still hold its result. `show=False` prints nothing (DDP ranks other than 0).
+    """
     from rich.table import Table
 
+    from xdsl.console import heading, make_console, print_table
     from xdsl.eval.tables import render_results
 
-    console = Console(quiet=quiet, width=max(100, Console().width))
-    if len(all_results) == 1:
+    console = make_console(quiet=not show)
+    if len(all_results) == 1 and not quiet:
         for stage, r in all_results[0]["stages"].items():
-            console.rule(f"[bold]{stage}")
+            heading(console, stage)
             for table in render_results(r["evaluate"]):
-                console.print(table)
+                print_table(console, table)
     columns, values = summary_rows(all_results)
     n = len(all_results)
     table = Table(title="results: top-1 test accuracy (%)" + (f", mean ± std over {n} seeds" if n > 1 else "")
@@ -79,5 +83,5 @@ def print_run_summary(all_results: list[dict[str, Any]], quiet: bool = False) ->
             table.add_column(stage, justify="right", no_wrap=True)
         for c in columns:
             table.add_row(c, *[_cell(values[stage].get(c)) for stage in values])
-    console.print(table)
+    print_table(console, table)
     return {"columns": columns, "rows": {stage: {c: values[stage].get(c, []) for c in columns} for stage in values}}

@@ -14,7 +14,8 @@ from rich.table import Table
 from xdsl.eval.items import EVALUATIONS
 from xdsl.eval.table import Tab, fmt_acc, fmt_params, part_headers
 
-__all__ = ["render_results", "results_markdown", "print_results", "fmt_acc", "fmt_params", "part_headers"]
+__all__ = ["render_results", "results_markdown", "print_results", "result_tables", "fmt_acc", "fmt_params",
+           "part_headers"]
 
 
 def _tables(results: Mapping[str, Any]) -> list[Tab]:
@@ -26,6 +27,11 @@ def _tables(results: Mapping[str, Any]) -> list[Tab]:
         elif kind in EVALUATIONS:
             tabs += EVALUATIONS.get(kind).tables(item)
     return tabs
+
+
+def result_tables(results: Mapping[str, Any]) -> list[tuple[str, list[str], list[list[str]], set[int]]]:
+    """Every result table as (title, headers, rows, right-aligned columns), for other renderers (HTML)."""
+    return [(t.title, t.headers, t.rows, t.numeric) for t in _tables(results)]
 
 
 def render_results(results: Mapping[str, Any]) -> list[Table]:
@@ -66,8 +72,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
 
 def print_results(results: Mapping[str, Any], console: Any = None) -> None:
     """Print every table to a rich Console (a new one on stdout by default)."""
-    from rich.console import Console
+    from xdsl.console import make_console, print_table
 
-    console = console or Console()
+    console = console or make_console()
     for table in render_results(results):
-        console.print(table)
+        print_table(console, table)

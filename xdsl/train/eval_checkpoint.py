@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
+from xdsl.console import make_console, print_table
 from xdsl.data import build_data
 from xdsl.errors import SpecError, XdslError
 from xdsl.eval.evaluate import evaluate_items
@@ -39,6 +38,7 @@ def evaluate_checkpoint(spec: Path, checkpoint: Path, *, device: str = "auto",
     bundle = build_data(program.data.name, program.data.kwargs, spec_dir=Path(spec).resolve().parent)
     items = program.evaluate or [ir.EvalItem("accuracy", (), {}, None)]
     results = evaluate_items(exp, bundle.test_loader(), items, device=dev)
+    console = make_console()
     for table in render_results(results):
-        Console().print(table)
+        print_table(console, table)
     return results

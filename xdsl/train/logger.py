@@ -7,8 +7,7 @@ import csv
 import json
 from typing import Any
 
-from rich.console import Console
-
+from xdsl.console import make_console
 from xdsl.rundir import RunDir
 
 __all__ = ["MetricsLogger"]
@@ -19,8 +18,10 @@ class MetricsLogger:
 
     def __init__(self, run: RunDir, quiet: bool, resume: bool, enabled: bool = True):
         self.run, self.quiet, self.enabled = run, quiet, enabled
-        self.console = Console(quiet=quiet)
+        self.console = make_console(quiet=quiet)  # full-width lines when stdout is a log file
         self.rows: list[dict[str, Any]] = []
+        self.trackers: list[Any] = []                  # mlflow / wandb runs (xdsl.trackers)
+        self._steps: dict[tuple[str, int], int] = {}   # (block, epoch) -> a step number that only grows
         if resume and run.metrics_jsonl.exists():
             for line in run.metrics_jsonl.read_text().splitlines():
                 try:
@@ -43,6 +44,9 @@ class MetricsLogger:
             return
         with open(self.run.metrics_jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
+        step = self._steps.setdefault((row["stage"], row["epoch"]), len(self._steps) + 1)
+        for tracker in self.trackers:
+            tracker.log_epoch(row, step)
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, int | float) and k not in ("epoch",):
@@ -59,9 +63,9 @@ class MetricsLogger:
     def write_csv(self) -> None:
         if not self.rows or not self.enabled:
             return
-        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        keys = list(dict.fromkeys(k for r in self.rows for k, v in r.items() if not isinstance(v, dict)))
         with open(self.run.metrics_csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
+            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")  # per-term losses: metrics.jsonl only
             w.writeheader()
             w.writerows(self.rows)
 

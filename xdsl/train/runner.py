@@ -26,11 +26,13 @@ from xdsl.data import DataBundle, build_data
 from xdsl.errors import SpecError, XdslError
 from xdsl.eval.evaluate import checkpoint_snapshots, evaluate_items
 from xdsl.eval.sharded import epoch_accuracy, evaluate_sharded, shard_loader
-from xdsl.eval.summary import print_run_summary
+from xdsl.eval.summary import print_run_summary, summary_rows
 from xdsl.experiment import Experiment, compile_program
 from xdsl.lang import ir
 from xdsl.lang.format import format_spec
+from xdsl.report import write_report
 from xdsl.rundir import RunDir
+from xdsl.trackers import check_available
 from xdsl.train import distributed as ddp
 from xdsl.train.channel_init import map_channels
 from xdsl.train.checkpoint import load_checkpoint, load_latest, rng_state, save_atomic, set_rng_state
@@ -81,6 +83,8 @@ class RunOptions:
     threads: int | None = None           # CPU threads; None: 1 for small models, else all cores
     rank: int = 0
     world_size: int = 1
+    mlflow: str | None = None            # MLflow tracking URI (e.g. a local file store)
+    wandb: str | None = None             # W&B project
 
 
 @dataclass
@@ -100,6 +104,9 @@ class _Block:
     skip_batches: int = 0                # batches of start_epoch already trained (resume mid-epoch)
     steps_done: int = 0
     best: dict[str, dict[str, float]] = field(default_factory=dict)
+    own_terms: dict[str, set[str]] = field(default_factory=dict)   # network -> its objective's term texts
+    term_sums: dict[str, dict[str, Any]] = field(default_factory=dict)
+    term_means: dict[str, dict[str, float]] = field(default_factory=dict)  # of the last epoch
 
     @property
     def last(self) -> Path:
@@ -205,6 +212,7 @@ def _train_epoch(b: _Block, epoch: int, progress: Progress) -> tuple[dict[str, f
     task = progress.add_task(f"{stage.name} {epoch + 1}/{stage.epochs}", total=n_batches, info="")
     b.exp.set_train_mode(True)
     sums = {n: torch.zeros((), device=b.device) for n in stage.trained}
+    b.term_sums = {}
     count, batch, position = 0, 0, b.skip_batches  # position: batches of this epoch whose step is complete
     t0 = time.perf_counter()
     _Stop.deferring = True
@@ -219,6 +227,7 @@ def _train_epoch(b: _Block, epoch: int, progress: Progress) -> tuple[dict[str, f
             position, count = batch + 1, count + 1
             for n, v in losses.items():
                 sums[n] += v
+            _add_terms(b, losses)
             progress.advance(task)
             if b.opts.stop_after_steps is not None and b.steps_done >= b.opts.stop_after_steps:
                 raise KeyboardInterrupt  # testing: stop as Ctrl-C would
@@ -233,11 +242,25 @@ def _train_epoch(b: _Block, epoch: int, progress: Progress) -> tuple[dict[str, f
         _Stop.deferring = False
     b.skip_batches = 0
     progress.remove_task(task)
+    b.term_means = {n: {t: float(v) / max(count, 1) for t, v in terms.items()} for n, terms in b.term_sums.items()}
     train_loss = {n: float(s) / max(count, 1) for n, s in sums.items()}
     for n, v in train_loss.items():
         if not math.isfinite(v):
             _check_finite(b, {n: torch.tensor(v)}, epoch, batch)
     return train_loss, time.perf_counter() - t0
+
+
+def _add_terms(b: _Block, losses: dict[str, torch.Tensor]) -> None:
+    """Add this step's value of every loss term of each objective (their epoch means go to metrics.jsonl)."""
+    if not b.own_terms:
+        from xdsl.compile.graph import term_leaves, term_node
+
+        b.own_terms = {n: {term_node(p) for p in term_leaves(t)} for n, t in b.stage.objectives.items()}
+    for n in losses:
+        for term, value in b.exp.last_terms.get(n, {}).items():
+            if term in b.own_terms.get(n, ()):
+                sums = b.term_sums.setdefault(n, {})
+                sums[term] = sums.get(term, 0.0) + value.detach().float()
 
 
 def _step(b: _Block, x: torch.Tensor, y: torch.Tensor, epoch: int, batch: int, progress: Progress,
@@ -281,10 +304,13 @@ def _end_epoch(b: _Block, epoch: int, train_loss: dict[str, float], seconds: flo
     for net in exp.networks:
         if net not in stage.trained and net not in acc:
             continue
-        b.logger.log({"stage": stage.name, "epoch": epoch + 1, "network": net,
-                      "train_loss": train_loss.get(net), "test_acc": acc.get(net),
-                      "lr": exp.optimizers[net].param_groups[0]["lr"] if net in exp.optimizers else None,
-                      "seconds": round(seconds, 3), "trained": net in stage.trained})
+        row = {"stage": stage.name, "epoch": epoch + 1, "network": net,
+               "train_loss": train_loss.get(net), "test_acc": acc.get(net),
+               "lr": exp.optimizers[net].param_groups[0]["lr"] if net in exp.optimizers else None,
+               "seconds": round(seconds, 3), "trained": net in stage.trained}
+        if b.term_means.get(net):
+            row["terms"] = b.term_means[net]  # each loss term's mean over the epoch (report, trackers)
+        b.logger.log(row)
         if net in acc and acc[net] >= b.best.get(net, {}).get("acc", -1.0):
             b.best[net] = {"acc": acc[net], "epoch": epoch + 1}
     b.logger.console.print(
@@ -375,10 +401,17 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
     bundle, sampler = _data(spec, program, opts, seed, device)
     if opts.rank == 0:
         run.spec.write_text(format_spec(program.spec))
+        _explain(run, exp.compiled)
     logger = MetricsLogger(run, opts.quiet, opts.resume, enabled=opts.rank == 0)
+    if opts.rank == 0 and (opts.mlflow or opts.wandb):
+        from xdsl.trackers import make_trackers, run_settings
+
+        logger.trackers = make_trackers(opts.mlflow, opts.wandb, f"{out.name}-seed{seed}",
+                                        run_settings(program, seed, opts.overrides), out)
     initial_state = {k: v.detach().clone() for k, v in exp.compiled.root.state_dict().items()}
     snapshots = _uses_snapshots(program)
-    results: dict[str, Any] = {"spec": str(spec), "seed": seed, "device": str(device), "stages": {}}
+    results: dict[str, Any] = {"spec": str(spec), "seed": seed, "device": str(device),
+                               "num_classes": bundle.num_classes, "stages": {}}
     try:
         for stage in program.stages:
             block = _Block(exp, stage, bundle, run, logger, opts, seed, device, sampler)
@@ -389,12 +422,40 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
             items = program.evaluate or [ir.EvalItem("accuracy", (), {}, None)]
             results["stages"]["untrained"] = {"best": {}, "evaluate": evaluate_items(
                 exp, bundle.test_loader(), items, device=device)}
+        if opts.rank == 0:
+            run.results.write_text(json.dumps(results, indent=2))
+            _plots(run, logger.rows, results)
+            write_report(run.root)
+            _track_results(logger.trackers, run, results)
     finally:
         logger.close()
-    if opts.rank == 0:
-        run.results.write_text(json.dumps(results, indent=2))
-        _plots(run, logger.rows, results)
+        for tracker in logger.trackers:
+            tracker.finish()
     return results
+
+
+def _track_results(trackers: list[Any], run: RunDir, results: dict[str, Any]) -> None:
+    """The results table and the run directory's pictures, report and results to every tracker."""
+    if not trackers:
+        return
+    columns, values = summary_rows([results])
+    rows = {block: {c: (cells[c][0] if cells.get(c) else None) for c in columns} for block, cells in values.items()}
+    files = sorted(run.root.glob("*.png")) + [p for p in (run.report, run.results, run.graph) if p.is_file()]
+    for tracker in trackers:
+        tracker.log_results(columns, rows)
+        tracker.log_files(files)
+
+
+def _explain(run: RunDir, compiled) -> None:
+    """graph.svg (graph.dot and graph.mmd without Graphviz): what every train block computes."""
+    from xdsl.viz.explain import block_graphs, render
+
+    graphs = block_graphs(compiled)
+    if graphs:
+        try:
+            render(graphs, run.graph, "svg")
+        except XdslError:  # a drawing problem must not stop a training run; `xdsl graph` reports it
+            render(graphs, run.graph.with_suffix(".dot"), "dot")
 
 
 def _evaluate_block(b: _Block, snapshots: bool) -> dict[str, Any]:
@@ -421,15 +482,17 @@ def _uses_snapshots(program: ir.Program) -> bool:
 
 def _plots(run: RunDir, rows: list[dict[str, Any]], results: dict[str, Any]) -> None:
     try:
-        from xdsl.viz.plots import plot_acc_vs_params, plot_learning_curves, plot_xross_heatmap
+        from xdsl.viz.plots import plot_acc_vs_params, plot_learning_curves, plot_xross
     except ImportError:  # matplotlib is the optional `viz` extra
         return
-    plot_learning_curves(rows, run.plot("learning_curves"))
-    for stage, r in results["stages"].items():
-        for item in r["evaluate"].get("items", []):
-            if item.get("kind") == "xross":
-                plot_xross_heatmap(item, run.plot("xross", stage))
-                plot_acc_vs_params(item, run.plot("acc_vs_params", stage))
+    name = Path(results["spec"]).stem
+    plot_learning_curves(rows, run.plot("learning_curves"), title=f"Learning curves: {name}")
+    blocks = {stage: r["evaluate"] for stage, r in results["stages"].items()}
+    chance = 1.0 / results["num_classes"] if results.get("num_classes") else 0.0
+    plot_xross(blocks, run.plot("xross"), chance=chance, title=f"Xross accuracy (%): {name}")
+    for stage, evaluation in blocks.items():
+        plot_acc_vs_params(evaluation, run.plot("acc_vs_params", stage),
+                           title=f"Accuracy vs parameters: {name}, {stage}")
 
 
 def run(spec: Path, opts: RunOptions) -> dict[str, Any]:
@@ -441,6 +504,7 @@ def run(spec: Path, opts: RunOptions) -> dict[str, Any]:
     opts.rank, opts.world_size = ddp.rank(), ddp.world_size()
     if opts.rank != 0:
         opts.quiet = True
+    check_available(opts.mlflow, opts.wandb)  # a missing tracker package fails before anything is written
     out = _prepare_out(spec, opts) if opts.rank == 0 else None
     if ddp.is_distributed():  # every process writes under rank 0's run directory
         box = [str(out) if out else None]
@@ -460,9 +524,10 @@ def run(spec: Path, opts: RunOptions) -> dict[str, Any]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    summary = print_run_summary(all_results, quiet=opts.quiet)
+    summary = print_run_summary(all_results, quiet=opts.quiet, show=opts.rank == 0)
     if opts.seeds > 1 and opts.rank == 0:
         RunDir(out).results.write_text(json.dumps({"seeds": all_results, "summary": summary}, indent=2))
+        write_report(out)
     if not opts.quiet:
         print(f"run directory: {out}")
     return {"out": str(out), "results": all_results, "summary": summary}
