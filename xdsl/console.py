@@ -18,7 +18,9 @@ def make_console(quiet: bool = False, stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     if stream.isatty():
         return Console(quiet=quiet, stderr=stderr)
-    return Console(quiet=quiet, stderr=stderr, width=LOG_WIDTH, no_color=True, highlight=False, file=stream)
+    # soft_wrap: a printed line is never broken, however long (a warning naming two checkpoint paths)
+    return Console(quiet=quiet, stderr=stderr, width=LOG_WIDTH, no_color=True, highlight=False, file=stream,
+                   soft_wrap=True)
 
 
 def heading(console: Console, text: str) -> None:
