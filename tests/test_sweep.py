@@ -139,3 +139,35 @@ def test_resume_skips_finished_runs_and_submitit_runs_the_rest(local_sweep) -> N
     assert list((out / "submitit").glob("*_result.pkl"))  # it went through submitit's executor
     again = json.loads(missing.read_text())  # resumed from its finished checkpoint: same numbers
     assert _accuracy(again, "dml") == _accuracy(before, "dml")
+
+
+def test_local_launcher_gives_each_process_its_own_gpus(tmp_path: Path, monkeypatch) -> None:
+    """With 4 visible GPUs and 2-process runs, two runs at a time, each on its own pair."""
+    import threading
+    import time
+
+    from xdsl.sweep import launch
+
+    seen: list[str] = []
+    running, most = set(), [0]
+    lock = threading.Lock()
+
+    def fake_run(cmd, log, env=None):
+        with lock:
+            gpus = env["CUDA_VISIBLE_DEVICES"]
+            assert gpus not in running  # never two runs on the same GPUs
+            running.add(gpus)
+            seen.append(gpus)
+            most[0] = max(most[0], len(running))
+        time.sleep(0.2)
+        with lock:
+            running.discard(gpus)
+        return 0
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    monkeypatch.setattr(launch, "_run_logged", fake_run)
+    jobs = [launch.Job(f"c{i}", tmp_path / f"c{i}", ["spec"], nproc=2) for i in range(4)]
+    codes = launch.launch_local(jobs, parallel=8, on_done=lambda job, code: None)
+    assert codes == {f"c{i}": 0 for i in range(4)}
+    assert sorted(seen) == ["0,1", "0,1", "2,3", "2,3"] and most[0] == 2
+    assert launch.run_command(jobs[0])[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]

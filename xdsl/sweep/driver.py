@@ -104,6 +104,8 @@ def sweep(spec: Path, opts: SweepOptions, echo=print) -> dict[str, Any]:
     if todo and opts.launcher == "local":
         codes = launch_local(todo, opts.jobs, on_done)
     elif todo:
+        if opts.nproc > 1 and not opts.slurm.gpus:  # a torchrun job of N processes asks for N GPUs
+            opts.slurm.gpus = opts.nproc
         codes = launch_submitit(todo, out / "submitit", opts.slurm, on_done)
     summary = _summarize(out, configs, plan, opts, echo)
     failed = sorted(n for n, c in codes.items() if c != 0)

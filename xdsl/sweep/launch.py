@@ -81,12 +81,14 @@ def _run_logged(cmd: list[str], log: Path, env: dict[str, str] | None = None) ->
 def launch_local(jobs: list[Job], parallel: int, on_done: Callable[[Job, int], None]) -> dict[str, int]:
     """Run `jobs` as local processes, `parallel` at a time; returns each job's exit code by name.
 
-    With G visible GPUs, a slot of `job.nproc` GPUs is taken for each running job and given back when it
-    ends, so at most G // nproc jobs run at once; without GPUs the processes share the CPU.
+    With G > 1 visible GPUs, a slot of `job.nproc` GPUs is taken for each running job and given back when
+    it ends, so at most G // nproc jobs run at once; with one GPU or none the processes share it.
     """
     gpus = visible_gpus()
     per_job = max(j.nproc for j in jobs) if jobs else 1
-    slots: list[list[str]] = [gpus[i:i + per_job] for i in range(0, len(gpus) - per_job + 1, per_job)]
+    slots: list[list[str]] = []
+    if len(gpus) > 1:  # one GPU (or none): every process sees it, nothing to hand out
+        slots = [gpus[i:i + per_job] for i in range(0, len(gpus) - per_job + 1, per_job)]
     if slots:
         parallel = min(parallel, len(slots))
     lock = threading.Lock()
