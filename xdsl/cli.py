@@ -148,7 +148,10 @@ def run_cmd(spec: Path = SpecArg,
             compile_mode: str = typer.Option("default", "--compile-mode",
                                              help="torch.compile mode: default | reduce-overhead | max-autotune"
                                                   " | max-autotune-no-cudagraphs"),
-            amp: str = typer.Option("auto", "--amp", help="auto | bf16 | none (auto = bf16 on CUDA)"),
+            amp: str = typer.Option("auto", "--amp", help="auto | bf16 | fp16 | none (auto = bf16 on CUDA; "
+                                                          "fp16 scales losses, one GradScaler per optimiser)"),
+            deterministic: bool = typer.Option(False, "--deterministic",
+                                               help="deterministic kernels: reruns give bit-identical weights"),
             sets: list[str] = typer.Option([], "--set", help="override a setting: data.batch_size=32, epochs=3"),
             allow_imports: bool = typer.Option(False, help="allow 'package.module:callable' models from anywhere"),
             nproc: int = typer.Option(0, "--nproc", help="launch N data-parallel processes with torchrun"),
@@ -170,7 +173,8 @@ def run_cmd(spec: Path = SpecArg,
     try:
         opts = RunOptions(out=out, resume=resume, epochs=epochs, seeds=seeds, seed=seed, device=device,
                           compile=compile_, compile_mode=compile_mode, amp=amp, overrides=_parse_sets(sets),
-                          allow_imports=allow_imports, threads=threads, quiet=quiet, mlflow=mlflow, wandb=wandb)
+                          allow_imports=allow_imports, threads=threads, quiet=quiet, mlflow=mlflow, wandb=wandb,
+                          deterministic=deterministic)
         run(spec, opts)
     except XdslError as e:
         _fail(e)

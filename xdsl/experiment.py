@@ -20,6 +20,7 @@ from torch import nn
 from torch._functorch import config as functorch_config
 
 from xdsl.compile.assemble import Compiled, assemble
+from xdsl.compile.graph import objective_node, term_leaves, term_node
 from xdsl.compile.lower import Lowered, lower, path_module
 from xdsl.errors import SpecError, XdslError
 from xdsl.lang import ir
@@ -65,12 +66,18 @@ class Experiment:
         # backward needs to skip the peers' gradients; eager autograd prunes them without it.
         self.separable = compile_mode is not None if separable is None else separable
         self.amp = amp                    # autocast dtype for forward passes (bf16 on CUDA), None = fp32
+        # fp16 underflows small gradients: one GradScaler per optimiser scales each network's loss up
+        # before backward and skips the step when the scaled gradients overflow (counted per network).
+        self.scalers: dict[str, torch.amp.GradScaler] = {}
+        self.skipped_steps: dict[str, int] = {}
         self.channels_last = channels_last
         if channels_last:
             compiled.root.to(memory_format=torch.channels_last)
         self.stage: ir.Stage | None = None
         self.step_count = 0
         self.last_terms: dict[str, dict[str, torch.Tensor]] = {}
+        self.term_sums: dict[str, dict[str, torch.Tensor]] = {}  # per network, per term: sum over forwards
+        self.term_counts: dict[str, int] = {}                    # per network: forwards summed
         self._paths: dict[str, nn.Module] = {}
         self._parsed: dict[str, ir.Path] = {}
         if self.program.stages:
@@ -114,6 +121,13 @@ class Experiment:
                            for net in stage.trained}
         self.schedulers = {net: make_scheduler(stage.schedule, opt, stage.epochs)
                            for net, opt in self.optimizers.items()}
+        self.scalers = {net: torch.amp.GradScaler(self.device.type) for net in stage.trained} \
+            if self.amp == torch.float16 else {}
+        self.skipped_steps = {net: 0 for net in self.scalers}
+        # which primitive terms (by text) each network's objective is made of, for per-term metrics
+        self.net_terms = {net: tuple(dict.fromkeys(term_node(t) for t in term_leaves(
+            self.graph.nodes[objective_node(stage.name, net)]["term"]))) for net in stage.trained}
+        self.reset_term_sums()
         root = self.compiled.root
         self._all = lower(self.graph, root, stage, stage.trained, trainable)  # every objective, one forward
         if stage.order == "simultaneous":
@@ -197,11 +211,19 @@ class Experiment:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """One optimisation step of the current train block; returns each network's (detached) loss."""
+        return self.accumulate_step([(x, y)])
+
+    def accumulate_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """One optimisation step on several micro-batches (`accumulate N`): each network's gradient is
+        the sample-weighted mean of its micro-batch gradients, i.e. the gradient of its objective on
+        the concatenated batch (exact up to BatchNorm statistics, which see each micro-batch alone).
+        Under `order alternating` a network's micro-batches all see the peers' weights of this step."""
         stage = self.stage
+        total = sum(len(y) for _, y in batches)
+        weights = [len(y) / total for _, y in batches]
         out: dict[str, torch.Tensor] = {}
-        clip = stage.settings.get("grad_clip")
         if stage.order == "simultaneous":
-            grads = self._joint_grads(x, y, out)
+            grads = self._accumulated_joint_grads(batches, weights, out)
             from xdsl.train.distributed import all_reduce_grads, is_distributed
 
             for net in self._joint.networks:
@@ -209,21 +231,47 @@ class Experiment:
                     p.grad = g
                 if is_distributed():
                     all_reduce_grads(self.params[net])
-                self._step(net, clip)
+                self._step(net)
         else:
             for net in self.update_order():
                 lowered = self._single[net]
-                with self.autocast():
-                    (loss,), terms = lowered.module(x, y)
-                self._record_terms(lowered, terms)
                 self.optimizers[net].zero_grad(set_to_none=True)
-                loss.backward(inputs=self.params[net])
-                self._step(net, clip)
-                out[net] = loss.detach()
+                for (x, y), w in zip(batches, weights):
+                    with self.autocast():
+                        (loss,), terms = lowered.module(x, y)
+                    self._record_terms(lowered, terms)
+                    scaled = loss * w if len(batches) > 1 else loss
+                    self._scale(net, scaled).backward(inputs=self.params[net])
+                    out[net] = out[net] + scaled.detach() if net in out else scaled.detach()
+                self._step(net)
         self.step_count += 1
         return out
 
-    def _joint_grads(self, x: torch.Tensor, y: torch.Tensor, out: dict[str, torch.Tensor]) -> dict[str, tuple]:
+    def _accumulated_joint_grads(self, batches: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float],
+                                 out: dict[str, torch.Tensor]) -> dict[str, tuple]:
+        """`_joint_grads` of each micro-batch, summed with the micro-batches' sample weights."""
+        if len(batches) == 1:
+            return self._joint_grads(*batches[0], out, 1.0)
+        total: dict[str, list] = {}
+        for (x, y), w in zip(batches, weights):
+            part: dict[str, torch.Tensor] = {}
+            grads = self._joint_grads(x, y, part, w)
+            for net, gs in grads.items():
+                acc = total.setdefault(net, [None] * len(gs))
+                for i, g in enumerate(gs):
+                    if g is not None:
+                        acc[i] = g if acc[i] is None else acc[i] + g
+            for net, v in part.items():
+                out[net] = out[net] + v * w if net in out else v * w
+        return {net: tuple(gs) for net, gs in total.items()}
+
+    def _scale(self, net: str, loss: torch.Tensor) -> torch.Tensor:
+        """The loss as backward sees it: multiplied by the network's fp16 loss scale, if any."""
+        scaler = self.scalers.get(net)
+        return loss if scaler is None else scaler.scale(loss)
+
+    def _joint_grads(self, x: torch.Tensor, y: torch.Tensor, out: dict[str, torch.Tensor],
+                     weight: float = 1.0) -> dict[str, tuple]:
         """One forward of every objective, then each network's gradient of its own objective.
 
         Separable objectives (under torch.compile) share one backward of their sum. Otherwise, or
@@ -240,6 +288,9 @@ class Experiment:
             nets = self._joint.networks
             for net, loss in zip(nets, losses):
                 out[net] = loss.detach()
+            if weight != 1.0:
+                losses = [loss * weight for loss in losses]
+            losses = [self._scale(net, loss) for net, loss in zip(nets, losses)]
             if self._joint.separable and not self._params_shared:
                 # each objective is differentiable only in its own network: one backward serves all
                 flat = torch.autograd.grad(sum(losses), [p for net in nets for p in self.params[net]],
@@ -257,14 +308,41 @@ class Experiment:
         ids = [id(p) for params in self.params.values() for p in params]
         return len(ids) != len(set(ids))
 
-    def _step(self, net: str, clip: float | None) -> None:
+    def _step(self, net: str) -> None:
+        """Clip (on unscaled gradients) and step; under fp16 a step whose gradients overflowed is skipped."""
+        clip = self.stage.settings.get("grad_clip")
+        opt, scaler = self.optimizers[net], self.scalers.get(net)
+        if scaler is not None:
+            scaler.unscale_(opt)
         if clip:
             torch.nn.utils.clip_grad_norm_(self.params[net], clip)
-        self.optimizers[net].step()
+        if scaler is None:
+            opt.step()
+            return
+        before = scaler.get_scale()
+        scaler.step(opt)
+        scaler.update()
+        if scaler.get_scale() < before:  # the scale backs off exactly when inf/NaN gradients skipped the step
+            self.skipped_steps[net] += 1
 
     def _record_terms(self, lowered: Lowered, terms) -> None:
+        values = dict(zip(lowered.terms, terms))
         for net in lowered.networks:
-            self.last_terms[net] = dict(zip(lowered.terms, terms))
+            self.last_terms[net] = {t: values[t] for t in self.net_terms.get(net, ()) if t in values}
+            sums = self.term_sums.setdefault(net, {})
+            for t, v in self.last_terms[net].items():
+                v = v.detach().float()
+                sums[t] = sums[t] + v if t in sums else v
+            self.term_counts[net] = self.term_counts.get(net, 0) + 1
+
+    def reset_term_sums(self) -> None:
+        self.term_sums, self.term_counts = {}, {}
+
+    def term_means(self) -> dict[str, dict[str, float]]:
+        """Each network's loss terms averaged over the forwards since `reset_term_sums` (one host sync
+        per term: call once per epoch, not per step)."""
+        return {net: {t: float(v) / self.term_counts[net] for t, v in sums.items()}
+                for net, sums in self.term_sums.items()}
 
     def scheduler_step(self) -> None:
         for sched in self.schedulers.values():

@@ -2,6 +2,8 @@
 
     runs/<spec>-<time>/
         spec.xspec              the expanded spec that ran
+        environment.json        versions (python, torch, torchvision, xdsl), device, precision, determinism,
+                                the spec directory's git commit, the command line
         metrics.jsonl, .csv     one row per (block, epoch, network)
         results.json            evaluation of every block (best and last epoch)
         checkpoints/<block>/    last.pt (resumable, atomic), final.pt (weights only),
@@ -38,6 +40,10 @@ class RunDir:
     @property
     def spec(self) -> Path:
         return self.root / "spec.xspec"
+
+    @property
+    def environment(self) -> Path:
+        return self.root / "environment.json"
 
     @property
     def metrics_jsonl(self) -> Path:

@@ -43,6 +43,7 @@ SETTINGS: dict[str, tuple[str, Any]] = {
     "grad_clip": ("number>0", None),
     "max_steps": ("int>=1", None),      # cap on optimisation steps per epoch (quick runs)
     "eval_every": ("int>=1", 1),        # evaluate every N epochs
+    "accumulate": ("int>=1", 1),        # micro-batches per optimisation step (gradient accumulation)
     "map_channels": ("measure", None),  # align channels at the cut first (seed 000 XML_m): bmm_std, ...
 }
 # ---- values the checker computes with ----

@@ -31,7 +31,8 @@ __all__ = ["MACROS", "macro", "expand_macros"]
 MACROS: Registry[Callable[[ast.MacroCall, dict[str, str]], str]] = Registry("macro")
 
 # the train-block settings every training macro passes through unchanged
-_TRAIN_KEYS = ("optimizer", "epochs", "order", "schedule", "grad_clip", "max_steps", "eval_every", "map_channels")
+_TRAIN_KEYS = ("optimizer", "epochs", "order", "schedule", "grad_clip", "max_steps", "eval_every", "map_channels",
+               "accumulate")
 
 
 def macro(*params: str, needs_spec: bool = False):

@@ -48,7 +48,7 @@ class MetricsLogger:
         for tracker in self.trackers:
             tracker.log_epoch(row, step)
         if self.tb is not None:
-            for k, v in row.items():
+            for k, v in _flat(row).items():
                 if isinstance(v, int | float) and k not in ("epoch",):
                     self.tb.add_scalar(f"{row['stage']}/{row['network']}/{k}", v, row["epoch"])
 
@@ -63,13 +63,21 @@ class MetricsLogger:
     def write_csv(self) -> None:
         if not self.rows or not self.enabled:
             return
-        keys = list(dict.fromkeys(k for r in self.rows for k, v in r.items() if not isinstance(v, dict)))
+        rows = [_flat(r) for r in self.rows]
+        keys = list(dict.fromkeys(k for r in rows for k in r))
         with open(self.run.metrics_csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")  # per-term losses: metrics.jsonl only
+            w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
-            w.writerows(self.rows)
+            w.writerows(rows)
 
     def close(self) -> None:
         self.write_csv()
         if self.tb is not None:
             self.tb.close()
+
+
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row with its per-term losses as columns `term <text>` (CSV and TensorBoard are flat)."""
+    flat = {k: v for k, v in row.items() if k != "terms"}
+    flat.update({f"term {t}": v for t, v in (row.get("terms") or {}).items()})
+    return flat

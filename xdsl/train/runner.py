@@ -37,6 +37,7 @@ from xdsl.train import distributed as ddp
 from xdsl.train.channel_init import map_channels
 from xdsl.train.checkpoint import load_checkpoint, load_latest, rng_state, save_atomic, set_rng_state
 from xdsl.train.device import amp_dtype, pick_device, set_threads
+from xdsl.train.environment import environment, make_deterministic
 from xdsl.train.logger import MetricsLogger
 
 __all__ = ["RunOptions", "run", "run_one", "train_block", "NonFiniteLoss"]
@@ -81,6 +82,7 @@ class RunOptions:
     log_every: int = 20                  # steps between host syncs for NaN checks and progress text
     stop_after_steps: int | None = None  # testing: raise KeyboardInterrupt after this many steps
     threads: int | None = None           # CPU threads; None: 1 for small models, else all cores
+    deterministic: bool = False          # deterministic kernels (bit-identical reruns), recorded in the run dir
     rank: int = 0
     world_size: int = 1
     mlflow: str | None = None            # MLflow tracking URI (e.g. a local file store)
@@ -104,9 +106,6 @@ class _Block:
     skip_batches: int = 0                # batches of start_epoch already trained (resume mid-epoch)
     steps_done: int = 0
     best: dict[str, dict[str, float]] = field(default_factory=dict)
-    own_terms: dict[str, set[str]] = field(default_factory=dict)   # network -> its objective's term texts
-    term_sums: dict[str, dict[str, Any]] = field(default_factory=dict)
-    term_means: dict[str, dict[str, float]] = field(default_factory=dict)  # of the last epoch
 
     @property
     def last(self) -> Path:
@@ -134,6 +133,7 @@ def train_block(b: _Block, initial_state: dict[str, Any], snapshots: bool) -> di
                 root = b.exp.compiled.root
                 save_atomic({"modules": {"parts": root.parts.state_dict(), "adapters": root.adapters.state_dict()},
                              "epoch": epoch + 1}, b.run.snapshot(b.stage.name, epoch + 1))
+    _print_terms(b)
     if b.is_main:
         save_atomic({"modules": b.exp.compiled.root.state_dict(), "stage": b.stage.name}, b.run.final(b.stage.name))
     _checkpoint(b, b.stage.epochs, 0, done=True)
@@ -188,6 +188,10 @@ def _resume(b: _Block, state: dict[str, Any]) -> None:
     for net, sched in exp.schedulers.items():
         if sched is not None:
             sched.load_state_dict(state["schedulers"][net])
+    for net, scaler in exp.scalers.items():
+        if net in state.get("scalers", {}):
+            scaler.load_state_dict(state["scalers"][net])
+            exp.skipped_steps[net] = state["skipped_steps"][net]
     set_rng_state(state["rng"])
     b.start_epoch, b.skip_batches, b.best = state["epoch"], state["batch"], state["best"]
     exp.step_count = state["step_count"]
@@ -207,13 +211,15 @@ def _train_epoch(b: _Block, epoch: int, progress: Progress) -> tuple[dict[str, f
     Ctrl-C checkpoints at the last finished step (see `_Stop`)."""
     stage = b.stage
     loader = b.bundle.train_loader(epoch_seed=b.seed * 100_003 + epoch, sampler=b.sampler)
+    accumulate = stage.settings.get("accumulate") or 1  # micro-batches per optimisation step
     max_steps = stage.settings.get("max_steps")
-    n_batches = len(loader) if max_steps is None else min(len(loader), max_steps)
+    n_batches = len(loader) if max_steps is None else min(len(loader), max_steps * accumulate)
     task = progress.add_task(f"{stage.name} {epoch + 1}/{stage.epochs}", total=n_batches, info="")
     b.exp.set_train_mode(True)
+    b.exp.reset_term_sums()
     sums = {n: torch.zeros((), device=b.device) for n in stage.trained}
-    b.term_sums = {}
     count, batch, position = 0, 0, b.skip_batches  # position: batches of this epoch whose step is complete
+    group: list[tuple[torch.Tensor, torch.Tensor]] = []
     t0 = time.perf_counter()
     _Stop.deferring = True
     try:
@@ -223,12 +229,14 @@ def _train_epoch(b: _Block, epoch: int, progress: Progress) -> tuple[dict[str, f
             if batch < b.skip_batches:
                 progress.advance(task)
                 continue
-            losses = _step(b, x, y, epoch, batch, progress, task)
-            position, count = batch + 1, count + 1
+            group.append((x, y))
+            if len(group) < accumulate and batch + 1 < n_batches:
+                continue
+            losses = _step(b, group, epoch, batch, progress, task)
+            position, count, group = batch + 1, count + 1, []
             for n, v in losses.items():
                 sums[n] += v
-            _add_terms(b, losses)
-            progress.advance(task)
+            progress.advance(task, accumulate)
             if b.opts.stop_after_steps is not None and b.steps_done >= b.opts.stop_after_steps:
                 raise KeyboardInterrupt  # testing: stop as Ctrl-C would
     except KeyboardInterrupt:
@@ -242,7 +250,6 @@ def _train_epoch(b: _Block, epoch: int, progress: Progress) -> tuple[dict[str, f
         _Stop.deferring = False
     b.skip_batches = 0
     progress.remove_task(task)
-    b.term_means = {n: {t: float(v) / max(count, 1) for t, v in terms.items()} for n, terms in b.term_sums.items()}
     train_loss = {n: float(s) / max(count, 1) for n, s in sums.items()}
     for n, v in train_loss.items():
         if not math.isfinite(v):
@@ -250,33 +257,25 @@ def _train_epoch(b: _Block, epoch: int, progress: Progress) -> tuple[dict[str, f
     return train_loss, time.perf_counter() - t0
 
 
-def _add_terms(b: _Block, losses: dict[str, torch.Tensor]) -> None:
-    """Add this step's value of every loss term of each objective (their epoch means go to metrics.jsonl)."""
-    if not b.own_terms:
-        from xdsl.compile.graph import term_leaves, term_node
-
-        b.own_terms = {n: {term_node(p) for p in term_leaves(t)} for n, t in b.stage.objectives.items()}
-    for n in losses:
-        for term, value in b.exp.last_terms.get(n, {}).items():
-            if term in b.own_terms.get(n, ()):
-                sums = b.term_sums.setdefault(n, {})
-                sums[term] = sums.get(term, 0.0) + value.detach().float()
-
-
-def _step(b: _Block, x: torch.Tensor, y: torch.Tensor, epoch: int, batch: int, progress: Progress,
+def _step(b: _Block, group: list[tuple[torch.Tensor, torch.Tensor]], epoch: int, batch: int, progress: Progress,
           task: TaskID) -> dict[str, torch.Tensor]:
-    """One optimisation step on a batch; every `log_every` steps (every step on CPU) a NaN check."""
+    """One optimisation step on a batch (or `accumulate` micro-batches); every `log_every` steps
+    (every step on CPU) a NaN check."""
     if _Stop.requested:
         raise KeyboardInterrupt
-    x, y = x.to(b.device, non_blocking=True), y.to(b.device, non_blocking=True)
-    if b.exp.channels_last and x.dim() == 4:
-        x = x.contiguous(memory_format=torch.channels_last)
-    losses = b.exp.train_step(x, y)
+    losses = b.exp.accumulate_step([_to_device(b, x, y) for x, y in group])
     b.steps_done += 1
     if b.device.type == "cpu" or b.steps_done % b.opts.log_every == 0:
         _check_finite(b, losses, epoch, batch)
         progress.update(task, info="  ".join(f"{n} {float(v):.3f}" for n, v in losses.items()))
     return losses
+
+
+def _to_device(b: _Block, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = x.to(b.device, non_blocking=True), y.to(b.device, non_blocking=True)
+    if b.exp.channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, y
 
 
 def _check_finite(b: _Block, losses: dict[str, torch.Tensor], epoch: int, step: int) -> None:
@@ -301,6 +300,7 @@ def _end_epoch(b: _Block, epoch: int, train_loss: dict[str, float], seconds: flo
     eval_every = stage.settings.get("eval_every") or 1
     due = (epoch + 1) % eval_every == 0 or epoch + 1 == stage.epochs
     acc = epoch_accuracy(exp, test_loader, b.device) if due else {}
+    terms = exp.term_means()
     for net in exp.networks:
         if net not in stage.trained and net not in acc:
             continue
@@ -308,8 +308,10 @@ def _end_epoch(b: _Block, epoch: int, train_loss: dict[str, float], seconds: flo
                "train_loss": train_loss.get(net), "test_acc": acc.get(net),
                "lr": exp.optimizers[net].param_groups[0]["lr"] if net in exp.optimizers else None,
                "seconds": round(seconds, 3), "trained": net in stage.trained}
-        if b.term_means.get(net):
-            row["terms"] = b.term_means[net]  # each loss term's mean over the epoch (report, trackers)
+        if net in exp.skipped_steps:
+            row["skipped_steps"] = exp.skipped_steps[net]  # fp16: steps whose scaled gradients overflowed
+        if terms.get(net):
+            row["terms"] = terms[net]  # each loss term's mean over the epoch (metrics, report, trackers)
         b.logger.log(row)
         if net in acc and acc[net] >= b.best.get(net, {}).get("acc", -1.0):
             b.best[net] = {"acc": acc[net], "epoch": epoch + 1}
@@ -318,6 +320,17 @@ def _end_epoch(b: _Block, epoch: int, train_loss: dict[str, float], seconds: flo
         + "  ".join(f"{n}: loss {train_loss[n]:.4f}" for n in stage.trained)
         + ("  |  " + "  ".join(f"{n} acc {100 * a:.2f}%" for n, a in acc.items()) if acc else "")
         + f"  ({seconds:.1f}s)")
+
+
+def _print_terms(b: _Block) -> None:
+    """One compact line per trained network: each loss term's mean over the last epoch, so a dead
+    (always 0) or exploding term is visible without a debugger."""
+    last = [r for r in b.logger.rows if r["stage"] == b.stage.name and r["epoch"] == b.stage.epochs]
+    for row in last:
+        terms = row.get("terms")
+        if terms:
+            b.logger.console.print(f"[dim]{b.stage.name} {row['network']} terms (last epoch mean): "
+                                   + "  ".join(f"{t} {v:.4g}" for t, v in terms.items()) + "[/]", soft_wrap=True)
 
 
 def _checkpoint(b: _Block, epoch: int, batch: int, done: bool = False) -> None:
@@ -329,6 +342,7 @@ def _checkpoint(b: _Block, epoch: int, batch: int, done: bool = False) -> None:
         "modules": exp.compiled.root.state_dict(),
         "optimizers": {n: o.state_dict() for n, o in exp.optimizers.items()},
         "schedulers": {n: s.state_dict() for n, s in exp.schedulers.items() if s is not None},
+        "scalers": {n: s.state_dict() for n, s in exp.scalers.items()}, "skipped_steps": dict(exp.skipped_steps),
         "rng": rng_state(), "epoch": epoch, "batch": batch, "step_count": exp.step_count,
         "best": b.best, "done": done, "stage": b.stage.name,
     }, b.last, keep_previous=True)
@@ -402,6 +416,9 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
     if opts.rank == 0:
         run.spec.write_text(format_spec(program.spec))
         _explain(run, exp.compiled)
+        env = environment(spec, device, amp=exp.amp, compile_mode=exp.compile_mode,
+                          deterministic=opts.deterministic, seed=seed)
+        run.environment.write_text(json.dumps(env, indent=2))
     logger = MetricsLogger(run, opts.quiet, opts.resume, enabled=opts.rank == 0)
     if opts.rank == 0 and (opts.mlflow or opts.wandb):
         from xdsl.trackers import make_trackers, run_settings
@@ -501,6 +518,8 @@ def run(spec: Path, opts: RunOptions) -> dict[str, Any]:
     if not spec.exists():
         raise XdslError(f"spec '{spec}' does not exist")
     opts.device = ddp.init_from_env(opts.device)
+    if opts.deterministic:
+        make_deterministic()
     opts.rank, opts.world_size = ddp.rank(), ddp.world_size()
     if opts.rank != 0:
         opts.quiet = True
