@@ -263,7 +263,8 @@ def _step(b: _Block, group: list[tuple[torch.Tensor, torch.Tensor]], epoch: int,
     (every step on CPU) a NaN check."""
     if _Stop.requested:
         raise KeyboardInterrupt
-    losses = b.exp.accumulate_step([_to_device(b, x, y) for x, y in group])
+    group = [_to_device(b, x, y) for x, y in group]
+    losses = b.exp.train_step(*group[0]) if len(group) == 1 else b.exp.accumulate_step(group)
     b.steps_done += 1
     if b.device.type == "cpu" or b.steps_done % b.opts.log_every == 0:
         _check_finite(b, losses, epoch, batch)
