@@ -31,6 +31,8 @@ _BORDER = ["#3d7bd9", "#e08600", "#2f9e44", "#c92a2a", "#7048e8", "#e0b000", "#0
 _FROZEN = "#e9ecef"
 _CROSS = "#d6336c"
 _TARGET_PARAMS = ("target", "teacher", "teacher_feat")
+_LEGEND = ("thick red edge: data from one network into another; dashed edge: a detached loss target (no "
+           "gradient through it); ×w: the term's weight in the objective; grey network: frozen in this block")
 
 
 @dataclass
@@ -219,13 +221,15 @@ def _colour(bg: BlockGraph, net: str | None) -> tuple[str, str]:
 
 def to_dot(graphs: list[BlockGraph]) -> str:
     """Graphviz DOT: a cluster per block, inside it a cluster per network."""
-    lines = ["digraph xdsl {", "  rankdir=LR; compound=true; newrank=true;",
+    lines = ["digraph xdsl {", "  rankdir=LR; compound=true; newrank=true; labelloc=b; fontsize=10;",
+             f"  label={_q(_LEGEND)};",
              '  node [fontname="Helvetica", fontsize=10, style="filled,rounded", shape=box];',
              '  edge [fontname="Helvetica", fontsize=9];']
     for b, bg in enumerate(graphs):
         ids = {n: f"b{b}n{i}" for i, n in enumerate(bg.nodes)}
         lines.append(f"  subgraph cluster_b{b} {{")
-        lines.append(f'    label={_q("train block " + bg.name)}; fontsize=14; style=dashed; color="#adb5bd";')
+        lines.append(f'    label={_q("train block " + bg.name)}; labelloc=t; fontsize=14; style=dashed; '
+                     'color="#adb5bd";')
         for k, net in enumerate(bg.networks):
             members = [n for n in bg.nodes.values() if n.kind == "part" and n.network == net]
             if not members:
@@ -233,7 +237,7 @@ def to_dot(graphs: list[BlockGraph]) -> str:
             fill, border = _colour(bg, net)
             status = "" if net in bg.trained else " (frozen)"
             lines.append(f"    subgraph cluster_b{b}_{k} {{")
-            lines.append(f'      label={_q(net + status)}; style="filled,rounded"; fillcolor="{fill}"; '
+            lines.append(f'      label={_q(net + status)}; labelloc=t; style="filled,rounded"; fillcolor="{fill}"; '
                          f'color="{border}";')
             for n in members:
                 lines.append(f'      {ids[n.id]} [label={_q(n.label)}, fillcolor="white", color="{border}"];')
@@ -278,7 +282,7 @@ def _m(text: str) -> str:
 
 def to_mermaid(graphs: list[BlockGraph]) -> str:
     """Mermaid flowchart: subgraphs per block and network, crossed edges thick, detached edges dotted."""
-    lines = ["flowchart LR"]
+    lines = ["flowchart LR", f"  %% {_LEGEND}"]
     link = 0
     styles: list[str] = []
     for b, bg in enumerate(graphs):
