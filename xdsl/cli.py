@@ -187,8 +187,8 @@ def run_cmd(spec: Path = SpecArg,
 def sweep_cmd(spec: Path = SpecArg,
               grid: list[str] = typer.Option([], "--grid", help="KEY=v1,v2,...: a --set key and its values "
                                                                 "(repeat for a grid)"),
-              grid_file: Path | None = typer.Option(None, "--grid-file", help="KEY=v1,v2 lines, or JSON "
-                                                                             "{KEY: [v1, v2]}"),
+              grid_file: Path | None = typer.Option(None, "--grid-file", help="KEY=v1,v2 lines, or a JSON "
+                                                                             "object of value lists"),
               seeds: int = typer.Option(1, "--seeds", help="seeds per configuration"),
               seed: int = typer.Option(0, "--seed", help="first seed"),
               out: Path | None = typer.Option(None, "--out", help="sweep directory (default sweeps/<spec>-<time>)"),
