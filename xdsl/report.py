@@ -42,14 +42,14 @@ def _table(title: str, headers: list[str], rows: list[list[str]], numeric: set[i
 
 
 def _summary(results: list[dict[str, Any]]) -> str:
-    from xdsl.eval.summary import summary_rows
+    from xdsl.eval.summary import best_note, summary_rows
     from xdsl.sweep.aggregate import cell_text
 
     columns, values = summary_rows(results)
     rows = [[block, *[cell_text(cells.get(c)) for c in columns]] for block, cells in values.items()]
     n = len(results)
     title = "Top-1 test accuracy (%)" + (f", mean ± std over {n} seeds" if n > 1 else "") + \
-        "; last epoch, 'best' = best epoch"
+        f"; last epoch, {best_note(results)}"
     return _table(title, ["train block", *columns], rows, set(range(1, len(columns) + 1)), "results")
 
 

@@ -4,9 +4,11 @@
         spec.xspec              the expanded spec that ran
         environment.json        versions (python, torch, torchvision, xdsl), device, precision, determinism,
                                 the spec directory's git commit, the command line
-        metrics.jsonl, .csv     one row per (block, epoch, network)
-        results.json            evaluation of every block (best and last epoch)
-        checkpoints/<block>/    last.pt (resumable, atomic), final.pt (weights only),
+        metrics.jsonl, .csv     one row per (block, epoch, network); val_acc with a validation split
+        results.json            evaluation of every block (best and last epoch); "best_on": validation | test
+        checkpoints/<block>/    last.pt (resumable, atomic), final.pt (weights only), best.pt (each
+                                network's best epoch: {"best": {net: {epoch, acc, val_acc}}, "states":
+                                {epoch: weights}}; chosen on validation when the data has a split),
                                 epoch<k>.pt (snapshots, when `evaluate` names `net@k`), mapping.json
         tensorboard/            TensorBoard events, when tensorboard is installed
         *.png                   learning curves, Xross heatmaps of every block, accuracy vs #params
@@ -82,6 +84,9 @@ class RunDir:
 
     def final(self, stage: str) -> Path:
         return self.block(stage) / "final.pt"
+
+    def best(self, stage: str) -> Path:
+        return self.block(stage) / "best.pt"
 
     def snapshot(self, stage: str, epoch: int) -> Path:
         return self.block(stage) / f"epoch{epoch}.pt"

@@ -1,4 +1,5 @@
-"""DataBundle: the train/test datasets of one experiment plus the loader policy shared by all trainers."""
+"""DataBundle: the train/test (and validation) datasets of one experiment plus the loader policy shared by
+all trainers."""
 
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ class DataBundle:
     pin_memory: bool = False
     name: str = ""
     classes: list[str] | None = None
+    val: Dataset | None = None  # validation split (`val_fraction=`, or the dataset's own); eval transform
     _test_loader: DataLoader | None = field(default=None, init=False, repr=False, compare=False)
+    _val_loader: DataLoader | None = field(default=None, init=False, repr=False, compare=False)
 
     def _loader_kwargs(self) -> dict:
         workers = self.num_workers
@@ -81,6 +84,14 @@ class DataBundle:
         if self._test_loader is None:
             self._test_loader = DataLoader(self.test, shuffle=False, **self._loader_kwargs())
         return self._test_loader
+
+    def val_loader(self) -> DataLoader | None:
+        """The validation loader in dataset order (None without a validation split); cached like the test one."""
+        if self.val is None:
+            return None
+        if self._val_loader is None:
+            self._val_loader = DataLoader(self.val, shuffle=False, **self._loader_kwargs())
+        return self._val_loader
 
     def sample_batch(self, n: int = 2) -> tuple[Tensor, Tensor]:
         """The first `n` test samples as a batch: cheap, deterministic input for shape inference."""

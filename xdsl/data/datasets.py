@@ -13,8 +13,11 @@ from torch.utils.data import TensorDataset
 from xdsl.data.bundle import DataBundle
 from xdsl.data.images import cifar10, cifar100, tiny_imagenet
 from xdsl.data.params import BuildContext, DataParamError, check_kwargs, require
+from xdsl.data.split import with_validation
 
-__all__ = ["DATASETS", "build_data", "dataset_params", "digits", "synthetic"]
+__all__ = ["DATASETS", "VAL_FRACTION", "build_data", "dataset_params", "digits", "synthetic"]
+
+VAL_FRACTION = "val_fraction"  # the parameter every dataset takes: share of the train set held out
 
 
 def digits(ctx: BuildContext, *, train_fraction: float = 0.5, batch_size: int = 64) -> DataBundle:
@@ -120,9 +123,11 @@ def _factory(name: str) -> Callable[..., DataBundle]:
 
 
 def dataset_params(name: str) -> dict[str, Any]:
-    """Accepted parameters of dataset `name` with their defaults (lists as lists), for static checks."""
+    """Accepted parameters of dataset `name` with their defaults (lists as lists), for static checks;
+    every dataset also takes `val_fraction` (0: no validation split carved out, see `xdsl.data.split`)."""
     params = list(inspect.signature(_factory(name)).parameters.values())[1:]
-    return {p.name: list(p.default) if isinstance(p.default, tuple) else p.default for p in params}
+    return {**{p.name: list(p.default) if isinstance(p.default, tuple) else p.default for p in params},
+            VAL_FRACTION: 0.0}
 
 
 def build_data(
@@ -136,15 +141,19 @@ def build_data(
     """Validate `kwargs` for dataset `name` and build its DataBundle.
 
     Relative `root` paths resolve against `spec_dir` (else the CWD); `seed` seeds augmentation (combined
-    with each epoch seed); `device_is_cuda` turns on pinned memory. Every failure is an XdslError
-    (DataParamError, carrying `.dataset` and `.key`).
+    with each epoch seed) and the `val_fraction` split; `device_is_cuda` turns on pinned memory. Every
+    failure is an XdslError (DataParamError, carrying `.dataset` and `.key`).
     """
     factory = _factory(name)
     merged = check_kwargs(name, dict(kwargs or {}), dataset_params(name))
+    val_fraction = merged.pop(VAL_FRACTION)
     ctx = BuildContext(
         name=name,
         spec_dir=Path(spec_dir) if spec_dir is not None else None,
         seed=int(seed),
         device_is_cuda=bool(device_is_cuda),
     )
-    return factory(ctx, **merged)
+    if val_fraction == 0:
+        return factory(ctx, **merged)
+    require(0.0 < val_fraction < 1.0, ctx, VAL_FRACTION, "a number in [0, 1)", val_fraction)
+    return with_validation(factory(ctx, **merged), val_fraction, ctx.seed)

@@ -7,6 +7,7 @@ and never consume the global RNG the trainer uses for init and dropout.
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import pickle
@@ -78,6 +79,12 @@ class AugmentedImages(Dataset):
     def set_epoch(self, epoch_seed: int) -> None:
         """Called by DataBundle.train_loader so augmentation differs per epoch but replays exactly."""
         self.epoch = int(epoch_seed)
+
+    def eval_view(self) -> AugmentedImages:
+        """The same samples without augmentation: what a validation split carved from them evaluates on."""
+        view = copy.copy(self)
+        view.augment = False
+        return view
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -30,7 +30,7 @@ from xdsl.lang import ir
 if TYPE_CHECKING:
     from xdsl.experiment import Experiment
 
-__all__ = ["Engine", "Pass", "Stats", "SnapshotState", "batches"]
+__all__ = ["Engine", "Pass", "Stats", "SnapshotState", "TOP5_ABOVE", "batches"]
 
 SnapshotState = Callable[[str, int], Mapping[str, Tensor]]
 """`snapshot_state(net, epoch)` -> the state_dict of network `net`'s parts after epoch `epoch`."""
@@ -38,27 +38,35 @@ SnapshotState = Callable[[str, int], Mapping[str, Tensor]]
 _SNAPSHOT_HELP = "snapshots need a run's per-epoch checkpoints: `xdsl eval RUN_DIR`"
 
 
+TOP5_ABOVE = 10
+"""Top-5 accuracy is reported when there are more than this many classes (as ImageNet-style papers do)."""
+
+
 @dataclass
 class Stats:
     """Sums kept on the device (float64) so that a GPU pass never waits for the host until the end."""
 
     n: int = 0
-    sums: Tensor | None = None   # [correct, CE loss, entropy]
+    sums: Tensor | None = None   # [correct, CE loss, entropy] (+ top-5 correct with > TOP5_ABOVE classes)
 
     def add(self, logits: Tensor, y: Tensor) -> None:
         logits = logits.float()
         logp = F.log_softmax(logits, dim=1)
-        batch = torch.stack([(logits.argmax(dim=1) == y).sum().double(),
-                             F.nll_loss(logp, y, reduction="sum").double(),
-                             (-(logp.exp() * logp).sum()).double()])
+        sums = [(logits.argmax(dim=1) == y).sum(), F.nll_loss(logp, y, reduction="sum"), -(logp.exp() * logp).sum()]
+        if logits.shape[1] > TOP5_ABOVE:
+            sums.append((logits.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum())
+        batch = torch.stack([v.double() for v in sums])
         self.sums = batch if self.sums is None else self.sums + batch
         self.n += int(y.numel())
 
     def summary(self) -> dict[str, float | None]:
         if not self.n or self.sums is None:
             return {"accuracy": None, "loss": None, "entropy": None}
-        correct, loss, entropy = (float(v) for v in self.sums.cpu())
-        return {"accuracy": correct / self.n, "loss": loss / self.n, "entropy": entropy / self.n}
+        sums = [float(v) / self.n for v in self.sums.cpu()]
+        out: dict[str, float | None] = {"accuracy": sums[0], "loss": sums[1], "entropy": sums[2]}
+        if len(sums) > 3:
+            out["top5"] = sums[3]
+        return out
 
 
 @dataclass

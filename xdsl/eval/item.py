@@ -120,7 +120,7 @@ class EvaluateItem:
         out = copy.deepcopy(shards[0])
 
         def mean(target: Result, parts: list[Result]) -> None:
-            for key in ("accuracy", "loss", "entropy"):
+            for key in ("accuracy", "top5", "loss", "entropy"):
                 if all(p.get(key) is not None for p in parts):
                     target[key] = sum(p[key] * w for p, w in zip(parts, weights)) / total
 

@@ -25,12 +25,12 @@ if TYPE_CHECKING:
 __all__ = ["shard_loader", "epoch_accuracy", "evaluate_sharded", "merge_shards"]
 
 
-def shard_loader(bundle: DataBundle, rank: int, world: int) -> Iterable:
-    """This process's share of the test set (every sample exactly once over all processes)."""
+def shard_loader(bundle: DataBundle, rank: int, world: int, split: str = "test") -> Iterable:
+    """This process's share of the test (or validation) set (every sample exactly once over all processes)."""
     if world == 1:
-        return bundle.test_loader()
-    return DataLoader(Subset(bundle.test, range(rank, len(bundle.test), world)), batch_size=bundle.batch_size,
-                      shuffle=False)
+        return bundle.test_loader() if split == "test" else bundle.val_loader()
+    data = bundle.test if split == "test" else bundle.val
+    return DataLoader(Subset(data, range(rank, len(data), world)), batch_size=bundle.batch_size, shuffle=False)
 
 
 def epoch_accuracy(exp: Experiment, loader: Iterable, device: torch.device,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-__all__ = ["summary_rows", "print_run_summary"]
+__all__ = ["best_note", "summary_rows", "print_run_summary"]
 
 
 def _columns(stage_result: dict[str, Any]) -> dict[str, float | None]:
@@ -42,6 +42,12 @@ def summary_rows(all_results: list[dict[str, Any]]) -> tuple[list[str], dict[str
     return columns, values
 
 
+def best_note(all_results: list[dict[str, Any]]) -> str:
+    """What the 'best' columns mean: test accuracy at the best-validation epoch, or best on test."""
+    on_val = bool(all_results) and all(r.get("best_on") == "validation" for r in all_results)
+    return "'best' = test accuracy at the best-validation epoch" if on_val else "'best' = best on test"
+
+
 def _cell(vals: list[float] | None) -> str:
     if not vals:
         return "-"
@@ -70,7 +76,7 @@ def print_run_summary(all_results: list[dict[str, Any]], quiet: bool = False, sh
     columns, values = summary_rows(all_results)
     n = len(all_results)
     table = Table(title="results: top-1 test accuracy (%)" + (f", mean ± std over {n} seeds" if n > 1 else "")
-                  + "; last epoch, 'best' = best epoch")
+                  + f"; last epoch, {best_note(all_results)}")
     if len(columns) <= 8:  # one row per train block
         table.add_column("train block", no_wrap=True)
         for c in columns:

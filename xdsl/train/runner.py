@@ -106,6 +106,7 @@ class _Block:
     skip_batches: int = 0                # batches of start_epoch already trained (resume mid-epoch)
     steps_done: int = 0
     best: dict[str, dict[str, float]] = field(default_factory=dict)
+    best_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # epoch -> weights (best.pt)
 
     @property
     def last(self) -> Path:
@@ -124,10 +125,12 @@ def train_block(b: _Block, initial_state: dict[str, Any], snapshots: bool) -> di
     if _restore(b, initial_state):
         return b.best
     test_loader = shard_loader(b.bundle, b.opts.rank, b.opts.world_size)
+    val_loader = shard_loader(b.bundle, b.opts.rank, b.opts.world_size, "val") if b.bundle.val is not None \
+        else None
     with _progress(b) as progress:
         for epoch in range(b.start_epoch, b.stage.epochs):
             train_loss, seconds = _train_epoch(b, epoch, progress)
-            _end_epoch(b, epoch, train_loss, seconds, test_loader)
+            _end_epoch(b, epoch, train_loss, seconds, test_loader, val_loader)
             _checkpoint(b, epoch + 1, 0)
             if snapshots and b.is_main:
                 root = b.exp.compiled.root
@@ -194,6 +197,10 @@ def _resume(b: _Block, state: dict[str, Any]) -> None:
             exp.skipped_steps[net] = state["skipped_steps"][net]
     set_rng_state(state["rng"])
     b.start_epoch, b.skip_batches, b.best = state["epoch"], state["batch"], state["best"]
+    best_file = b.run.best(b.stage.name)
+    if b.is_main and best_file.exists():  # the weights of every network's best epoch so far
+        kept = {int(e): st for e, st in load_checkpoint(best_file, torch.device("cpu"))["states"].items()}
+        b.best_states = {e: st for e, st in kept.items() if e in {v["epoch"] for v in b.best.values()}}
     exp.step_count = state["step_count"]
     b.logger.truncate(b.stage.name, b.start_epoch)
     b.logger.console.print(f"[dim]train {b.stage.name}: resumed at epoch {b.start_epoch + 1}, "
@@ -294,19 +301,23 @@ def _check_finite(b: _Block, losses: dict[str, torch.Tensor], epoch: int, step: 
              f"{b.last if b.last.exists() else '(none yet)'} is intact")
 
 
-def _end_epoch(b: _Block, epoch: int, train_loss: dict[str, float], seconds: float, test_loader: Any) -> None:
-    """Schedules step; test accuracy (every `eval_every` epochs and the last); metrics rows; best epoch."""
+def _end_epoch(b: _Block, epoch: int, train_loss: dict[str, float], seconds: float, test_loader: Any,
+               val_loader: Any = None) -> None:
+    """Schedules step; test (and validation) accuracy every `eval_every` epochs and the last; metrics rows;
+    best epoch."""
     exp, stage = b.exp, b.stage
     exp.scheduler_step()
     eval_every = stage.settings.get("eval_every") or 1
     due = (epoch + 1) % eval_every == 0 or epoch + 1 == stage.epochs
     acc = epoch_accuracy(exp, test_loader, b.device) if due else {}
+    val_acc = epoch_accuracy(exp, val_loader, b.device) if due and val_loader is not None else {}
     terms = exp.term_means()
     for net in exp.networks:
         if net not in stage.trained and net not in acc:
             continue
         row = {"stage": stage.name, "epoch": epoch + 1, "network": net,
                "train_loss": train_loss.get(net), "test_acc": acc.get(net),
+               **({"val_acc": val_acc.get(net)} if val_acc else {}),
                "lr": exp.optimizers[net].param_groups[0]["lr"] if net in exp.optimizers else None,
                "seconds": round(seconds, 3), "trained": net in stage.trained}
         if net in exp.skipped_steps:
@@ -314,13 +325,30 @@ def _end_epoch(b: _Block, epoch: int, train_loss: dict[str, float], seconds: flo
         if terms.get(net):
             row["terms"] = terms[net]  # each loss term's mean over the epoch (metrics, report, trackers)
         b.logger.log(row)
-        if net in acc and acc[net] >= b.best.get(net, {}).get("acc", -1.0):
-            b.best[net] = {"acc": acc[net], "epoch": epoch + 1}
+    _update_best(b, epoch + 1, acc, val_acc)
     b.logger.console.print(
         f"{stage.name} epoch {epoch + 1}/{stage.epochs}  "
         + "  ".join(f"{n}: loss {train_loss[n]:.4f}" for n in stage.trained)
         + ("  |  " + "  ".join(f"{n} acc {100 * a:.2f}%" for n, a in acc.items()) if acc else "")
+        + ("  |  val " + "  ".join(f"{n} {100 * a:.2f}%" for n, a in val_acc.items()) if val_acc else "")
         + f"  ({seconds:.1f}s)")
+
+
+def _update_best(b: _Block, epoch: int, acc: dict[str, float], val_acc: dict[str, float]) -> None:
+    """Each network's best epoch: by validation accuracy when there is a validation split, else by test
+    accuracy ("best on test"); `acc` is always the test accuracy at that epoch. A later epoch wins a tie.
+    best.pt keeps the weights of every network's best epoch (rank 0)."""
+    key = "val_acc" if val_acc else "acc"
+    improved = False
+    for net, score in (val_acc or acc).items():
+        if score >= b.best.get(net, {}).get(key, -1.0):
+            b.best[net] = {"acc": acc[net], "epoch": epoch, **({"val_acc": score} if val_acc else {})}
+            improved = True
+    if not improved or not b.is_main:
+        return
+    b.best_states[epoch] = {k: v.detach().to("cpu", copy=True) for k, v in b.exp.compiled.root.state_dict().items()}
+    b.best_states = {e: st for e, st in b.best_states.items() if e in {v["epoch"] for v in b.best.values()}}
+    save_atomic({"stage": b.stage.name, "best": b.best, "states": b.best_states}, b.run.best(b.stage.name))
 
 
 def _print_terms(b: _Block) -> None:
@@ -429,7 +457,8 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
     initial_state = {k: v.detach().clone() for k, v in exp.compiled.root.state_dict().items()}
     snapshots = _uses_snapshots(program)
     results: dict[str, Any] = {"spec": str(spec), "seed": seed, "device": str(device),
-                               "num_classes": bundle.num_classes, "stages": {}}
+                               "num_classes": bundle.num_classes, "stages": {},
+                               "best_on": "validation" if bundle.val is not None else "test"}
     try:
         for stage in program.stages:
             block = _Block(exp, stage, bundle, run, logger, opts, seed, device, sampler)

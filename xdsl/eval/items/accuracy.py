@@ -24,12 +24,22 @@ class Accuracy(EvaluateItem):
 
     @classmethod
     def tables(cls, result: Mapping[str, Any]) -> list[Tab]:
-        t = Tab("Accuracy", ["Path", "Accuracy", "Loss", "#Params"], numeric={1, 2, 3})
-        for r in result.get("rows", []):
-            t.rows.append([row_label(r), fmt_acc(r.get("accuracy"), r.get("status")), fmt(r.get("loss")),
+        rows = result.get("rows", [])
+        top5 = any("top5" in r for r in rows)  # more than 10 classes (xdsl.eval.engine.TOP5_ABOVE)
+        headers = ["Path", "Accuracy", *(["Top-5"] if top5 else []), "Loss", "#Params"]
+        t = Tab("Accuracy", headers, numeric=set(range(1, len(headers))))
+        for r in rows:
+            t.rows.append([row_label(r), fmt_acc(r.get("accuracy"), r.get("status")),
+                           *([fmt_acc(r.get("top5"), r.get("status"))] if top5 else []), fmt(r.get("loss")),
                            fmt_params(r.get("params"))])
         return [t]
 
     @classmethod
     def columns(cls, result: Mapping[str, Any], n_networks: int | None) -> dict[str, float | None]:
-        return {r.get("label") or r["path"]: r.get("accuracy") for r in result.get("rows", [])}
+        cols: dict[str, float | None] = {}
+        for r in result.get("rows", []):
+            cols[r.get("label") or r["path"]] = r.get("accuracy")
+        for r in result.get("rows", []):
+            if "top5" in r:
+                cols[f"{r.get('label') or r['path']} top-5"] = r["top5"]
+        return cols
