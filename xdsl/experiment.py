@@ -75,6 +75,7 @@ class Experiment:
             compiled.root.to(memory_format=torch.channels_last)
         self.stage: ir.Stage | None = None
         self.step_count = 0
+        self.epoch = 0  # 0-based within the train block; the runner sets it (schedules read it, with step_count)
         self.last_terms: dict[str, dict[str, torch.Tensor]] = {}
         self.term_sums: dict[str, dict[str, torch.Tensor]] = {}  # per network, per term: sum over forwards
         self.term_counts: dict[str, int] = {}                    # per network: forwards summed
@@ -140,6 +141,7 @@ class Experiment:
                             for net in stage.trained}
             self._joint = None
         self.step_count = 0
+        self.epoch = 0
 
     def _distribute(self, lowered: Lowered, net: str) -> Lowered:
         """Under torchrun: DDP over the objective, synchronising only `net`'s own parameters."""
@@ -194,8 +196,16 @@ class Experiment:
 
     def objectives(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every trained network's objective on (x, y) under the current weights (no update)."""
-        losses, terms = self._all.module(x, y)
+        losses, terms = self._all.module(x, y, self.clock(self._all))
         return dict(zip(self._all.networks, losses))
+
+    def clock(self, lowered: Lowered) -> torch.Tensor | None:
+        """[epoch, epochs, step] as a float tensor on the device, for objectives with schedules (else None):
+        a tensor input, so a compiled objective is not recompiled when the values change."""
+        if not lowered.uses_clock:
+            return None
+        return torch.tensor([self.epoch, self.stage.epochs, self.step_count], dtype=torch.float32,
+                            device=self.device)
 
     def update_order(self) -> list[str]:
         """Networks in the order they are updated on this batch (DML Algorithm 1 and variants)."""
@@ -238,7 +248,7 @@ class Experiment:
                 self.optimizers[net].zero_grad(set_to_none=True)
                 for (x, y), w in zip(batches, weights):
                     with self.autocast():
-                        (loss,), terms = lowered.module(x, y)
+                        (loss,), terms = lowered.module(x, y, self.clock(lowered))
                     self._record_terms(lowered, terms)
                     scaled = loss * w if len(batches) > 1 else loss
                     self._scale(net, scaled).backward(inputs=self.params[net])
@@ -283,7 +293,7 @@ class Experiment:
         no_donation = functorch_config.patch(donated_buffer=False) if self.compile_mode else nullcontext()
         with no_donation:
             with self.autocast():
-                losses, terms = self._joint.module(x, y)
+                losses, terms = self._joint.module(x, y, self.clock(self._joint))
             self._record_terms(self._joint, terms)
             nets = self._joint.networks
             for net, loss in zip(nets, losses):

@@ -3,8 +3,9 @@
 Every primitive is a plain module-level function of tensors returning a scalar (batch mean), so the
 compiler can emit it as an fx ``call_function`` node and torch.compile can trace it without graph
 breaks: no ``.item()``, no Python branches on tensor values. Branches on Python constants
-(``grad``, ``T``) are allowed. The registry ``LOSSES`` tells the spec checker each primitive's
-arity, keyword names, argument kinds and defaults.
+(``grad``, ``T``) are allowed when the value is a Python number: a number parameter may also be a
+0-dim tensor (a schedule such as ``T=1 + 3 * (1 - epoch / epochs)``). The registry ``LOSSES`` tells
+the spec checker each primitive's arity, keyword names, argument kinds and defaults.
 
 Conventions: logits are ``(B, K)``, features ``(B, C, H, W)`` or ``(B, D)``, labels ``(B,)`` long.
 The target/teacher argument of a distillation loss is detached (no gradient flows into the
@@ -31,6 +32,7 @@ from xdsl.errors import XdslError
 __all__ = [
     "REQUIRED",
     "KINDS",
+    "CONSTANT_ONLY",
     "LossParam",
     "LossSpec",
     "LOSSES",
@@ -117,6 +119,10 @@ class LossSpec:
 
 LOSSES: dict[str, LossSpec] = {}
 
+CONSTANT_ONLY: frozenset[tuple[str, str]] = frozenset({("ce", "label_smoothing")})
+"""(primitive, number parameter) pairs that cannot be a schedule (`epoch`...): the others may be handed a 0-dim
+tensor, so a primitive may branch on a number only when it is a Python number (see ``kl``)."""
+
 _POSITIVE = (lambda v: v > 0, "must be > 0")
 _UNIT = (lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]")
 _NONNEG = (lambda v: v >= 0, "must be >= 0")
@@ -191,7 +197,7 @@ def kl(target: Tensor, p: Tensor, T: float = 1.0, grad: bool = False) -> Tensor:
     Use: ``kl(t, s, T=4)`` - ``s`` learns to match ``t``.
     """
     t = _target(target, grad)
-    if T == 1:  # same value (x / 1 and x * 1 are exact), three fewer ops per call in the common case
+    if isinstance(T, int | float) and T == 1:  # same value (x / 1, x * 1 are exact), three fewer ops
         return F.kl_div(F.log_softmax(p, dim=1), F.log_softmax(t, dim=1), reduction="batchmean", log_target=True)
     return F.kl_div(
         F.log_softmax(p / T, dim=1), F.log_softmax(t / T, dim=1), reduction="batchmean", log_target=True

@@ -16,6 +16,10 @@ sum of the objectives then gives every network its own objective's gradient. Why
 so without this a compiled step also pays for the peers' weight gradients that
 `backward(inputs=...)` would discard, and each per-objective backward through a shared compiled
 forward recomputes the whole joint backward.
+
+Schedules (`min(epoch / 20, 1) * dkd(...)`, `kl(t, s, T=1 + 3 * (1 - epoch / epochs))`) read the
+module's third input `clock`, a float tensor [epoch, epochs, step]: their values change every step
+while the compiled graph stays the same (a Python number would be specialised and recompiled).
 """
 
 from __future__ import annotations
@@ -38,6 +42,41 @@ from xdsl.losses import LOSSES
 __all__ = ["Lowered", "lower", "ensemble_logits", "emit_path", "path_module", "paths_module", "call_detached"]
 
 _ARITH = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+
+
+def _min2(a, b):
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return torch.minimum(a, b)
+    if isinstance(a, torch.Tensor):
+        return a.clamp(max=b)
+    return b.clamp(max=a) if isinstance(b, torch.Tensor) else min(a, b)
+
+
+def _max2(a, b):
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return torch.maximum(a, b)
+    if isinstance(a, torch.Tensor):
+        return a.clamp(min=b)
+    return b.clamp(min=a) if isinstance(b, torch.Tensor) else max(a, b)
+
+
+def schedule_min(*xs):
+    """`min(...)` of a schedule: numbers and 0-dim tensors (at least one tensor), a 0-dim tensor."""
+    out = xs[0]
+    for x in xs[1:]:
+        out = _min2(out, x)
+    return out
+
+
+def schedule_max(*xs):
+    """`max(...)` of a schedule (see `schedule_min`)."""
+    out = xs[0]
+    for x in xs[1:]:
+        out = _max2(out, x)
+    return out
+
+
+_FUNCS = {"min": schedule_min, "max": schedule_max, "exp": torch.exp, "cos": torch.cos}
 
 
 def ensemble_logits(*logits: torch.Tensor) -> torch.Tensor:
@@ -65,12 +104,13 @@ def _call_copy(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Lowered:
-    """A generated module `module(x, y) -> (objectives, terms)` and what its outputs are."""
+    """A generated module `module(x, y, clock=None) -> (objectives, terms)` and what its outputs are."""
 
     module: fx.GraphModule
     networks: tuple[str, ...]   # objectives[i] belongs to networks[i]
     terms: tuple[str, ...]      # terms[j] is the text of the j-th primitive term
     separable: bool = False     # objectives[i] is differentiable only in networks[i]'s parameters
+    uses_clock: bool = False    # the objectives read `clock` ([epoch, epochs, step]); else it may be None
 
     def __repr__(self) -> str:
         return f"Lowered(networks={self.networks}, terms={len(self.terms)})\n{self.module.code}"
@@ -120,7 +160,8 @@ def lower(g: nx.DiGraph, root: nn.Module, stage: ir.Stage, networks: tuple[str, 
     with_grad = [n for n in path_nodes if n not in set(no_grad)]
 
     graph = fx.Graph()
-    env: dict[str, fx.Node] = {"x": graph.placeholder("x"), "y": graph.placeholder("y")}
+    env: dict[str, fx.Node] = {"x": graph.placeholder("x"), "y": graph.placeholder("y"),
+                               "clock": graph.placeholder("clock", default_value=None)}
 
     if no_grad:
         graph.call_function(torch._C._set_grad_enabled, (False,))
@@ -146,15 +187,24 @@ def lower(g: nx.DiGraph, root: nn.Module, stage: ir.Stage, networks: tuple[str, 
             if members not in ensembles:
                 ensembles[members] = graph.call_function(ensemble_logits, members)
             return ensembles[members]
+        if isinstance(arg, ir.Clock | ir.Func | ir.Arith):  # a schedule as a keyword: a 0-dim tensor
+            return emit_term(arg, net)
         return env["y"] if isinstance(arg, ir.Labels) else arg
 
     term_names: list[str] = []     # each primitive term's text once, for logging
     term_reported: dict[str, fx.Node] = {}
     term_values: dict[tuple, fx.Node] = {}
+    clocks: dict[str, fx.Node] = {}
 
     def emit_term(term: ir.Term, net: str):
         if isinstance(term, ir.Const):
             return term.value
+        if isinstance(term, ir.Clock):
+            if term.name not in clocks:
+                clocks[term.name] = graph.call_function(operator.getitem, (env["clock"], ir.CLOCKS.index(term.name)))
+            return clocks[term.name]
+        if isinstance(term, ir.Func):
+            return graph.call_function(_FUNCS[term.name], tuple(emit_term(a, net) for a in term.args))
         if isinstance(term, ir.Arith):
             return graph.call_function(_ARITH[term.op], (emit_term(term.left, net), emit_term(term.right, net)))
         args = tuple(emit_arg(a, net) for a in term.args)
@@ -175,7 +225,7 @@ def lower(g: nx.DiGraph, root: nn.Module, stage: ir.Stage, networks: tuple[str, 
     graph.output((tuple(outputs), tuple(term_reported[k] for k in term_names)))
     graph.lint()
     return Lowered(fx.GraphModule(root, graph, class_name=f"Objective_{stage.name}"), tuple(networks),
-                   tuple(term_names), separable)
+                   tuple(term_names), separable, bool(clocks))
 
 
 def _variants(g: nx.DiGraph, graph: fx.Graph, env: dict[str, fx.Node], networks: tuple[str, ...],

@@ -6,6 +6,7 @@ collected and reported together. Nothing here builds a model: that is the next s
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,9 +96,31 @@ class TermV:
     term: ir.Term
 
 
+@dataclass(frozen=True)
+class ClockV:
+    """A number computed from `epoch`, `epochs`, `step` while training (a schedule): a term without losses."""
+
+    term: ir.Term
+
+
+def _number_term(v: Any) -> ir.Term | None:
+    """A number, schedule or loss as a term (the one place a number becomes a term), else None."""
+    if isinstance(v, NumV):
+        return ir.Const(float(v.value))
+    if isinstance(v, ClockV | TermV):
+        return v.term
+    return None
+
+
+def _combine(term: ir.Term, *operands: Any) -> Any:
+    """`term` computed from `operands` is a loss if one of them is, else a schedule."""
+    return TermV(term) if any(isinstance(o, TermV) for o in operands) else ClockV(term)
+
+
 def _kind(v: Any) -> str:
     return {NetV: "a network", PathV: "a path", ListV: "a list", NumV: "a number", StrV: "a string",
             BoolV: "a boolean", LabelsV: "the labels y", TermV: "a loss",
+            ClockV: "a number that changes while training (epoch, epochs, step)",
             EnsembleV: "an ensemble"}.get(type(v), "a value")
 
 
@@ -152,7 +175,8 @@ class _Checker:
             return "adapter"
         if name in self.losses:
             return "loss"
-        if name in ("x", "y") or name in BUILTIN_FUNCS or name in self.primitives:
+        if name in ("x", "y", "pi") or name in BUILTIN_FUNCS or name in ir.CLOCKS or name in ir.FUNCS \
+                or name in self.primitives:
             return "built-in name"
         return None
 
@@ -439,10 +463,15 @@ class _Checker:
             return PathV(ir.Path(()), 0)
         if e.id == "y":
             return LabelsV()
+        if e.id in ir.CLOCKS:
+            return ClockV(ir.Clock(e.id))
+        if e.id == "pi":
+            return NumV(math.pi)
         if e.id in self.losses or e.id in self.primitives:
             raise SpecError(f"'{e.id}' is a loss: call it, e.g. {e.id}(...)", e.pos)
         candidates = [k for k in env if not k.startswith("__")] + list(self.networks) + list(self.adapters)
-        raise SpecError(f"undefined name '{e.id}'", e.pos, _hint(e.id, candidates + ["x", "y"], None))
+        raise SpecError(f"undefined name '{e.id}'", e.pos,
+                        _hint(e.id, candidates + ["x", "y", "pi", *ir.CLOCKS], None))
 
     def e_attribute(self, e: ast.Attribute, env):
         base = self.expr(e.value, env)
@@ -469,8 +498,8 @@ class _Checker:
         v = self.expr(e.operand, env)
         if isinstance(v, NumV):
             return NumV(-v.value)
-        if isinstance(v, TermV):
-            return TermV(ir.Arith("*", ir.Const(-1.0), v.term))
+        if isinstance(v, TermV | ClockV):
+            return _combine(ir.Arith("*", ir.Const(-1.0), v.term), v)
         raise SpecError(f"cannot negate {_kind(v)}", e.pos)
 
     def e_binop(self, e: ast.BinOp, env):
@@ -480,7 +509,7 @@ class _Checker:
             rp = self._as_path(right, e.right.pos, "'>>'")
             return self._join(lp, rp, e.pos)
         for side, v in (("left", left), ("right", right)):
-            if not isinstance(v, NumV | TermV):
+            if _number_term(v) is None:
                 raise SpecError(f"'{e.op}' needs losses or numbers, but its {side} side is {_kind(v)}",
                                 (e.left if side == "left" else e.right).pos,
                                 "wrap a path in a loss, e.g. ce(path, y)" if isinstance(v, PathV | NetV) else None)
@@ -491,9 +520,7 @@ class _Checker:
             return NumV({"+": a + b, "-": a - b, "*": a * b, "/": a / b if e.op == "/" else 0}[e.op])
         if e.op == "/" and isinstance(right, NumV) and right.value == 0:
             raise SpecError("division by zero", e.right.pos)
-        lt = left.term if isinstance(left, TermV) else ir.Const(float(left.value))
-        rt = right.term if isinstance(right, TermV) else ir.Const(float(right.value))
-        return TermV(ir.Arith(e.op, lt, rt))
+        return _combine(ir.Arith(e.op, _number_term(left), _number_term(right)), left, right)
 
     def _as_path(self, v: Any, pos: Pos, what: str) -> PathV:
         if isinstance(v, PathV):
@@ -537,12 +564,36 @@ class _Checker:
             return ListV(tuple(n for n in cohort.items if n != v))
         if e.func == "ensemble":
             return self._ensemble(e, env)
+        if e.func in ir.FUNCS:
+            return self._schedule_func(e, env)
         if e.func in self.losses:
             return self._call_loss(e, env)
         if e.func in self.primitives:
             return self._call_primitive(e, env)
-        known = list(self.losses) + list(self.primitives) + list(BUILTIN_FUNCS)
+        known = list(self.losses) + list(self.primitives) + list(BUILTIN_FUNCS) + list(ir.FUNCS)
         raise SpecError(f"unknown loss or function '{e.func}'", e.pos, _hint(e.func, known, None))
+
+    def _schedule_func(self, e: ast.Call, env) -> NumV | ClockV:
+        """min/max/exp/cos of numbers (folded) or of schedules (`min(epoch / 20, 1)`); never of losses."""
+        lo, hi = ir.FUNCS[e.func]
+        if hi is None and len(e.args) < lo:
+            raise SpecError(f"{e.func}() takes {lo} or more arguments, got {len(e.args)}", e.pos)
+        self._arity(e, lo, hi if hi is not None else len(e.args))
+        values = []
+        for a in e.args:
+            v = self.expr(a, env)
+            if not isinstance(v, NumV | ClockV):
+                raise SpecError(f"{e.func}() takes numbers or epoch/epochs/step, got {_kind(v)}", a.pos,
+                                "weight a loss by a schedule instead, e.g. min(epoch / 20, 1) * kl(t, s)"
+                                if isinstance(v, TermV) else None)
+            values.append(v)
+        if all(isinstance(v, NumV) for v in values):
+            nums = [float(v.value) for v in values]
+            if e.func == "exp" and nums[0] > 700:
+                raise SpecError(f"exp({nums[0]:g}) overflows", e.pos)
+            return NumV({"min": min, "max": max, "exp": lambda x: math.exp(x), "cos": lambda x: math.cos(x)}
+                        [e.func](*nums))
+        return ClockV(ir.Func(e.func, tuple(_number_term(v) for v in values)))
 
     def _ensemble(self, e: ast.Call, env) -> EnsembleV:
         if e.kwargs:
@@ -584,9 +635,9 @@ class _Checker:
             return NumV(0)
         terms = []
         for v in values:
-            if not isinstance(v, NumV | TermV):
+            if _number_term(v) is None:
                 raise SpecError(f"{e.func}() adds losses or numbers, got {_kind(v)}", body_pos)
-            terms.append(v.term if isinstance(v, TermV) else ir.Const(float(v.value)))
+            terms.append(_number_term(v))
         if all(isinstance(v, NumV) for v in values):
             total = sum(v.value for v in values)
             return NumV(total / len(values) if e.func == "mean" else total)
@@ -595,7 +646,7 @@ class _Checker:
             total = ir.Arith("+", total, t)
         if e.func == "mean" and len(terms) > 1:
             total = ir.Arith("/", total, ir.Const(float(len(terms))))
-        return TermV(total)
+        return _combine(total, *values)
 
     def _bind(self, e: ast.Call, params: list[str], defaults: dict[str, Any], env) -> dict[str, tuple[Any, Pos]]:
         if len(e.args) > len(params):
@@ -645,7 +696,7 @@ class _Checker:
                 continue
             v, pos = bound[name]
             value = self._prim_arg(e.func, name, kind, v, pos)
-            problem = spec.check_value(name, value) if kind == "number" else None
+            problem = spec.check_value(name, value) if kind == "number" and isinstance(value, float) else None
             if problem:
                 raise SpecError(problem, pos)
             args.append(value)
@@ -673,8 +724,13 @@ class _Checker:
                 raise SpecError(f"{func}(): '{name}' takes the labels y, got {_kind(v)}", pos)
             return ir.Labels()
         if kind == "number":
+            from xdsl.losses import CONSTANT_ONLY
+
+            if isinstance(v, ClockV) and (func, name) not in CONSTANT_ONLY:
+                return v.term  # a schedule: the primitive gets a tensor (its value constraints are not checked)
             if not isinstance(v, NumV):
-                raise SpecError(f"{func}(): '{name}' takes a number, got {_kind(v)}", pos)
+                raise SpecError(f"{func}(): '{name}' takes a number, got {_kind(v)}", pos,
+                                f"{func}()'s '{name}' must be a constant" if isinstance(v, ClockV) else None)
             return float(v.value)
         if kind == "bool":
             if not isinstance(v, BoolV):

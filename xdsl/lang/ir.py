@@ -13,11 +13,14 @@ from xdsl.errors import Pos
 from xdsl.lang import ast
 
 __all__ = [
-    "PartStep", "AdapterStep", "Step", "Path", "Ensemble", "Labels", "Const", "Prim", "Arith", "Term",
+    "PartStep", "AdapterStep", "Step", "Path", "Ensemble", "Labels", "Const", "Prim", "Arith", "Clock", "Func",
+    "Term", "CLOCKS", "FUNCS",
     "NetworkDecl", "CutDecl", "AdapterDecl", "DataDecl", "OptimizerDecl", "Stage", "EvalItem", "Program",
 ]
 
 NOPOS = Pos("<generated>", 0, 0)
+CLOCKS = ("epoch", "epochs", "step")  # the names a loss may use for schedules, in the objective's clock tensor
+FUNCS = {"min": (2, None), "max": (2, None), "exp": (1, 1), "cos": (1, 1)}  # schedule functions: arity
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,29 @@ class Arith:
         return f"({self.left} {self.op} {self.right})"
 
 
-Term = Union[Prim, Arith, Const]
+@dataclass(frozen=True)
+class Clock:
+    """`epoch` (0-based in the train block), `epochs` (the block's total) or `step` (optimisation steps done in
+    the block): a number known only while training, handed to the generated objective as a tensor."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return self.name
+
+
+@dataclass(frozen=True)
+class Func:
+    """`min`, `max`, `exp` or `cos` of terms, at least one of them a Clock (constant calls are folded)."""
+
+    name: str
+    args: tuple[Term, ...]
+
+    def __str__(self) -> str:
+        return f"{self.name}({', '.join(str(a) for a in self.args)})"
+
+
+Term = Union[Prim, Arith, Const, Clock, Func]
 
 
 @dataclass(frozen=True)

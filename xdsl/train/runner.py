@@ -223,6 +223,7 @@ def _train_epoch(b: _Block, epoch: int, progress: Progress) -> tuple[dict[str, f
     n_batches = len(loader) if max_steps is None else min(len(loader), max_steps * accumulate)
     task = progress.add_task(f"{stage.name} {epoch + 1}/{stage.epochs}", total=n_batches, info="")
     b.exp.set_train_mode(True)
+    b.exp.epoch = epoch  # schedules in losses (`epoch`, `step` is the experiment's step count)
     b.exp.reset_term_sums()
     sums = {n: torch.zeros((), device=b.device) for n in stage.trained}
     count, batch, position = 0, 0, b.skip_batches  # position: batches of this epoch whose step is complete
