@@ -77,8 +77,9 @@ class Experiment:
         self.step_count = 0
         self.epoch = 0  # 0-based within the train block; the runner sets it (schedules read it, with step_count)
         self.last_terms: dict[str, dict[str, torch.Tensor]] = {}
-        self.term_sums: dict[str, dict[str, torch.Tensor]] = {}  # per network, per term: sum over forwards
-        self.term_counts: dict[str, int] = {}                    # per network: forwards summed
+        # per network, per term: the value of every forward since `reset_term_sums`, kept as detached
+        # 0-d tensors and added up once an epoch, so a step runs no extra op (and no host sync)
+        self.term_values: dict[str, dict[str, list[torch.Tensor]]] = {}
         self._paths: dict[str, nn.Module] = {}
         self._parsed: dict[str, ir.Path] = {}
         if self.program.stages:
@@ -339,20 +340,18 @@ class Experiment:
         values = dict(zip(lowered.terms, terms))
         for net in lowered.networks:
             self.last_terms[net] = {t: values[t] for t in self.net_terms.get(net, ()) if t in values}
-            sums = self.term_sums.setdefault(net, {})
+            history = self.term_values.setdefault(net, {})
             for t, v in self.last_terms[net].items():
-                v = v.detach().float()
-                sums[t] = sums[t] + v if t in sums else v
-            self.term_counts[net] = self.term_counts.get(net, 0) + 1
+                history.setdefault(t, []).append(v.detach())
 
     def reset_term_sums(self) -> None:
-        self.term_sums, self.term_counts = {}, {}
+        self.term_values = {}
 
     def term_means(self) -> dict[str, dict[str, float]]:
         """Each network's loss terms averaged over the forwards since `reset_term_sums` (one host sync
         per term: call once per epoch, not per step)."""
-        return {net: {t: float(v) / self.term_counts[net] for t, v in sums.items()}
-                for net, sums in self.term_sums.items()}
+        return {net: {t: float(torch.stack(vs).float().mean()) for t, vs in terms.items()}
+                for net, terms in self.term_values.items()}
 
     def scheduler_step(self) -> None:
         for sched in self.schedulers.values():
