@@ -116,6 +116,7 @@ def test_best_is_chosen_on_validation_and_best_pt_holds_that_epochs_weights(tmp_
     parts = snapshot["modules"]["parts"]
     for key, value in parts.items():
         assert torch.equal(saved["states"][chosen][f"parts.{key}"], value)
+        assert torch.equal(saved["modules"][f"parts.{key}"], value)  # what `xdsl eval --checkpoint` loads
     # the results report the test accuracy at the best-validation epoch and at the last epoch
     last = result["stages"]["alone"]["evaluate"]["items"][0]["rows"][-1]["accuracy"]
     assert last == pytest.approx(rows[-1]["test_acc"])

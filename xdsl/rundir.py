@@ -6,9 +6,10 @@
                                 the spec directory's git commit, the command line
         metrics.jsonl, .csv     one row per (block, epoch, network); val_acc with a validation split
         results.json            evaluation of every block (best and last epoch); "best_on": validation | test
-        checkpoints/<block>/    last.pt (resumable, atomic), final.pt (weights only), best.pt (each
-                                network's best epoch: {"best": {net: {epoch, acc, val_acc}}, "states":
-                                {epoch: weights}}; chosen on validation when the data has a split),
+        checkpoints/<block>/    last.pt (resumable, atomic), final.pt (weights only), best.pt (every
+                                network at its best epoch: "modules" as in final.pt, "best": {net: {epoch,
+                                acc, val_acc}}, "states": {epoch: weights}; chosen on validation when the
+                                data has a split),
                                 epoch<k>.pt (snapshots, when `evaluate` names `net@k`), mapping.json
         tensorboard/            TensorBoard events, when tensorboard is installed
         *.png                   learning curves, Xross heatmaps of every block, accuracy vs #params

@@ -349,7 +349,23 @@ def _update_best(b: _Block, epoch: int, acc: dict[str, float], val_acc: dict[str
         return
     b.best_states[epoch] = {k: v.detach().to("cpu", copy=True) for k, v in b.exp.compiled.root.state_dict().items()}
     b.best_states = {e: st for e, st in b.best_states.items() if e in {v["epoch"] for v in b.best.values()}}
-    save_atomic({"stage": b.stage.name, "best": b.best, "states": b.best_states}, b.run.best(b.stage.name))
+    save_atomic({"modules": _best_modules(b), "stage": b.stage.name, "best": b.best, "states": b.best_states},
+                b.run.best(b.stage.name))
+
+
+def _best_modules(b: _Block) -> dict[str, torch.Tensor]:
+    """One state_dict with every network's parts (and the adapters of its first owner) from that network's
+    best epoch: what `xdsl eval --checkpoint best.pt` and `weights` load. Tensors are shared with `states`,
+    so torch.save stores each once."""
+    epoch_of = {net: v["epoch"] for net, v in b.best.items()}
+    out = dict(b.best_states[max(b.best_states)])
+    for key in out:
+        kind, name = key.split(".", 2)[:2]
+        owners = (name,) if kind == "parts" else b.exp.program.adapters[name].owners if kind == "adapters" else ()
+        net = next((o for o in owners if o in epoch_of), None)
+        if net is not None:
+            out[key] = b.best_states[epoch_of[net]][key]
+    return out
 
 
 def _print_terms(b: _Block) -> None:
