@@ -164,3 +164,33 @@ train alone {
     row = out["results"][0]["stages"]["alone"]["evaluate"]["items"][0]["rows"][0]
     assert 0.0 <= row["accuracy"] <= row["top5"] <= 1.0
     assert "a top-5" in out["summary"]["columns"]
+
+
+def test_best_pt_survives_an_interrupted_and_resumed_run(tmp_path: Path) -> None:
+    # a learns in epoch 1 and then ascends its loss (best: epoch 1, before the interruption); b keeps learning,
+    # so after the resume best.pt is rewritten and must still hold a's epoch-1 weights
+    spec = tmp_path / "v.xspec"
+    spec.write_text("""
+data digits(batch_size=64, train_fraction=0.3, val_fraction=0.25)
+network a, b = builtin.mlp(num_classes=10, in_features=64, hidden=16)
+train alone {
+    minimize (1 - 1.5 * min(epoch, 1)) * ce(a, y) wrt a
+    minimize ce(b, y) wrt b
+    optimizer sgd(lr=0.1)
+    grad_clip 1
+    epochs 4
+}
+""")
+    whole = run(spec, RunOptions(out=tmp_path / "whole", quiet=True, seed=1))["results"][0]
+    assert {n: v["epoch"] for n, v in whole["stages"]["alone"]["best"].items()} == {"a": 1, "b": 4}
+    out = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):  # in epoch 3 (402 training samples: 7 batches per epoch)
+        run(spec, RunOptions(out=out, quiet=True, seed=1, stop_after_steps=16))
+    resumed = run(spec, RunOptions(out=out, quiet=True, seed=1, resume=True))["results"][0]
+    assert resumed["stages"]["alone"]["best"] == whole["stages"]["alone"]["best"]
+    got = load_checkpoint(out / "checkpoints" / "alone" / "best.pt", torch.device("cpu"))
+    want = load_checkpoint(tmp_path / "whole" / "checkpoints" / "alone" / "best.pt", torch.device("cpu"))
+    assert got["states"].keys() == want["states"].keys() == {1, 4}
+    for key, value in want["modules"].items():
+        assert torch.equal(got["modules"][key], value)
+        assert torch.equal(value, want["states"][1 if key.startswith("parts.a.") else 4][key])

@@ -363,7 +363,7 @@ def _best_modules(b: _Block) -> dict[str, torch.Tensor]:
         kind, name = key.split(".", 2)[:2]
         owners = (name,) if kind == "parts" else b.exp.program.adapters[name].owners if kind == "adapters" else ()
         net = next((o for o in owners if o in epoch_of), None)
-        if net is not None:
+        if net is not None and epoch_of[net] in b.best_states:
             out[key] = b.best_states[epoch_of[net]][key]
     return out
 
