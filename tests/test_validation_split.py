@@ -194,3 +194,11 @@ train alone {
     for key, value in want["modules"].items():
         assert torch.equal(got["modules"][key], value)
         assert torch.equal(value, want["states"][1 if key.startswith("parts.a.") else 4][key])
+
+
+def test_a_dataset_with_its_own_validation_split_refuses_a_second_one() -> None:
+    own = build_data("digits", {"val_fraction": 0.2})
+    assert own.val_loader() is not None and own.val_loader() is own.val_loader()  # cached like the test loader
+    with pytest.raises(XdslError, match="has its own validation split"):
+        with_validation(own, 0.1, seed=0)
+    assert build_data("digits", {}).val_loader() is None
