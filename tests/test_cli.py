@@ -91,6 +91,7 @@ def test_spec_errors_exit_with_code_2_and_no_traceback(tmp_path):
 def test_unknown_compile_mode_is_a_clear_error_before_training(tmp_path):
     result = runner.invoke(app, ["run", "specs/quickstart.xspec", "--compile", "--compile-mode", "fastest",
                                  "--out", str(tmp_path / "run"), "--epochs", "1", "-q"])
-    assert result.exit_code != 0
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
     assert "unknown torch.compile mode 'fastest'" in result.output and "max-autotune" in result.output
     assert not list((tmp_path / "run").glob("**/*.pt"))

@@ -248,19 +248,29 @@ def test_update_order_per_batch(tmp_path, order):
     text = HEADER + "network net3 = builtin.cnn(num_classes=10, in_channels=1, width=8)\n" \
         f"dml(net2, net1, net3, order={order})\n"
     exp = xdsl.load(_write(tmp_path, text))
-    orders = []
-    for step in range(6):
-        exp.step_count = step
-        orders.append(exp.update_order())
+
+    def six_batches() -> list[list[str]]:
+        orders = []
+        for step in range(6):
+            exp.step_count = step
+            orders.append(exp.update_order())
+        return orders
+
+    orders = six_batches()
     assert all(sorted(o) == ["net1", "net2", "net3"] for o in orders)
     if order == "alternating":  # the `for` list's order, every batch
         assert orders == [["net2", "net1", "net3"]] * 6
     elif order == "round_robin":  # the first to update rotates
         assert [o[0] for o in orders] == ["net2", "net1", "net3"] * 2
-    else:  # random: varies across batches, reproducible for a seed
+    else:  # random: varies across batches, reproducible for a seed (the torch seed of the run)
         assert len({tuple(o) for o in orders}) > 1
         exp.step_count = 3
         assert exp.update_order() == orders[3]
+        seed = torch.initial_seed()
+        torch.manual_seed(seed + 1)
+        other = six_batches()
+        torch.manual_seed(seed)
+        assert six_batches() == orders and other != orders
 
 
 @pytest.mark.slow

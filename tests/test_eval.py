@@ -188,7 +188,10 @@ def test_tables_render(two_parts):
         assert header in text
     md = results_markdown(results)
     assert "| Up Half | Down Half | Accuracy | #Params |" in md
-    assert "75,002" in md or "," in md
+    for r in find_items(results, "xross")[0]["rows"]:  # each row with its own numbers, params with separators
+        up, down = r["networks"]
+        assert f"| {up} | {down} | {100 * r['accuracy']:.2f}% | {r['params']:,} |" in md, md
+    assert "| net1 | net2 | " in md and "75,002 |" in md
 
 
 def test_three_parts(tmp_path):

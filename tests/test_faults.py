@@ -173,13 +173,13 @@ def _metric_rows(out: Path) -> int:
         return 0
 
 
-def test_sigkill_at_a_random_point_then_resume_is_bit_identical(spec, reference, tmp_path):
+def test_sigkill_at_a_random_point_then_resume_is_bit_identical(spec, reference, tmp_path, test_seed):
     out = tmp_path / "run"
     first = out / "checkpoints" / "independent" / "last.pt"
-    rng = random.Random()
+    rng = random.Random(test_seed)  # a different point per seed; the seed is printed on failure
     after_epochs = rng.randint(1, sum(EPOCHS.values()) - 1)  # kill in a random epoch after the first checkpoint
     delay = rng.uniform(0.0, 0.3)
-    where = f"killed {delay:.2f} s after epoch {after_epochs} was logged"
+    where = f"killed {delay:.2f} s after epoch {after_epochs} was logged (seed {test_seed})"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "xdsl", "run", str(spec), "--out", str(out), "--device", "cpu"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=tmp_path)
@@ -291,8 +291,40 @@ def test_output_under_a_regular_file_fails_before_training(spec, tmp_path):
                                           "  hint: choose another --out, or free disk space"]
 
 
+@pytest.mark.parametrize("call", ["mkdir", "open"])
+def test_read_only_output_directory_fails_before_training(spec, tmp_path, monkeypatch, call):
+    """The operating system refuses to create the run directory (mkdir) or a file in it (open) with EACCES,
+    as it does for a read-only directory. Injected at the call, so it holds when the tests run as root
+    (which writes into read-only directories); the real chmod case is the test below."""
+    import errno
+    import io
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+
+    def refuse(real):
+        def call_or_refuse(path, *args, **kwargs):
+            if str(path).startswith(str(locked)):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+            return real(path, *args, **kwargs)
+        return call_or_refuse
+
+    if call == "mkdir":
+        monkeypatch.setattr(os, "mkdir", refuse(os.mkdir))
+    else:
+        (locked / "run").mkdir()
+        monkeypatch.setattr(io, "open", refuse(io.open))
+    result = CliRunner().invoke(app, ["run", str(spec), "--out", str(locked / "run"), "--device", "cpu"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert result.output.splitlines() == [
+        f"error: cannot write to the run directory '{locked / 'run'}': Permission denied",
+        "  hint: choose another --out, or free disk space"]
+    monkeypatch.undo()
+    assert not (locked / "run" / "checkpoints").exists() and not (locked / "run" / "metrics.jsonl").exists()
+
+
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only directories")
-def test_read_only_output_directory_fails_before_training(spec, tmp_path):
+def test_read_only_output_directory_fails_before_training_chmod(spec, tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
@@ -310,13 +342,16 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(spec, tmp_p
     from xdsl.train import checkpoint
 
     real_mkstemp = checkpoint.tempfile.mkstemp
-    calls = [0]
+    calls, temp_files = [0], []
 
     def mkstemp(*args, **kwargs):
         calls[0] += 1
+        fd, name = real_mkstemp(*args, **kwargs)  # the real temp file beside last.pt, which must be cleaned up
+        temp_files.append(Path(name))
         if calls[0] == 1:
-            return real_mkstemp(*args, **kwargs)
-        return os.open("/dev/full", os.O_WRONLY), str(tmp_path / "never-created.tmp")
+            return fd, name
+        os.close(fd)
+        return os.open("/dev/full", os.O_WRONLY), name  # its writes fail with ENOSPC
 
     monkeypatch.setattr(checkpoint.tempfile, "mkstemp", mkstemp)
     out = tmp_path / "run"
@@ -329,7 +364,8 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(spec, tmp_p
                           "continue with --resume"]
     state = load_checkpoint(last)
     assert state["epoch"] == 1 and not state["done"]
-    assert not list(last.parent.glob("*.tmp"))
+    assert len(temp_files) == 2 and temp_files[1].parent == last.parent  # the failed write had a temp file ...
+    assert not temp_files[1].exists() and not list(last.parent.glob(".*.tmp"))  # ... and it was removed
 
 
 # ---- NaN / inf ----

@@ -203,9 +203,12 @@ def test_bad_spec_is_one_located_message(tmp_path: Path, name, content, where, m
         assert f"  hint: {hint}" in lines
     else:
         assert not any(line.startswith("  hint:") for line in lines)
-    col = int(where.split(":")[1])
-    if len(lines) > 2 and lines[2].strip() == "^":  # the quoted line and a caret under the column
-        assert lines[2] == " " * (4 + col - 1) + "^"
+    if isinstance(content, bytes):  # not readable as text (binary, huge, not UTF-8): nothing to quote
+        assert len(lines) == 1 + (hint is not None), lines
+        return
+    line, col = (int(n) for n in where.split(":"))
+    assert lines[1] == "    " + content.splitlines()[line - 1].expandtabs(1), lines  # the line (a tab = 1 col)
+    assert lines[2] == " " * (4 + col - 1) + "^", lines  # and a caret under the column
 
 
 @pytest.mark.parametrize("text", ["", "\n\n   \n", "# only a comment\n# and another\n"], ids=["empty", "blank",
@@ -447,10 +450,18 @@ def test_checkpoint_with_pickled_code_is_refused(tmp_path: Path) -> None:
     with pytest.raises(XdslError, match="refers to the Python object"):
         load_latest(evil)  # no previous checkpoint to fall back to
     spec = tmp_path / "s.xspec"
-    spec.write_text(H)
+    spec.write_text(H + "train { minimize ce(net1, y) wrt net1; epochs 1 }\n")
     lines = _assert_clean_failure(_invoke(["eval", str(spec), "--checkpoint", str(evil), "--device", "cpu"]))
     assert "refers to the Python object" in lines[0]
-    assert not marker.exists()
+    # `xdsl run --resume` of a run directory whose last.pt carries the payload
+    out = tmp_path / "run"
+    last = out / "checkpoints" / "train1" / "last.pt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(evil.read_bytes())
+    lines = _assert_clean_failure(_invoke(["run", str(spec), "--out", str(out), "--resume", "--device", "cpu"]))
+    assert re.fullmatch(rf"error: checkpoint '{re.escape(str(last))}' refers to the Python object "
+                        r"(posix|nt)\.system; refused: .*", lines[0]), lines
+    assert not marker.exists() and not (out / "checkpoints" / "train1" / "final.pt").exists()
 
 
 def test_relative_paths_cannot_leave_the_spec_directory(tmp_path: Path) -> None:
