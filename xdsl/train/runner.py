@@ -307,6 +307,7 @@ def _end_epoch(b: _Block, epoch: int, train_loss: dict[str, float], seconds: flo
     """Schedules step; test (and validation) accuracy every `eval_every` epochs and the last; metrics rows;
     best epoch."""
     exp, stage = b.exp, b.stage
+    lrs = {n: o.param_groups[0]["lr"] for n, o in exp.optimizers.items()}  # this epoch's, logged below
     exp.scheduler_step()
     eval_every = stage.settings.get("eval_every") or 1
     due = (epoch + 1) % eval_every == 0 or epoch + 1 == stage.epochs
@@ -319,7 +320,7 @@ def _end_epoch(b: _Block, epoch: int, train_loss: dict[str, float], seconds: flo
         row = {"stage": stage.name, "epoch": epoch + 1, "network": net,
                "train_loss": train_loss.get(net), "test_acc": acc.get(net),
                **({"val_acc": val_acc.get(net)} if val_acc else {}),
-               "lr": exp.optimizers[net].param_groups[0]["lr"] if net in exp.optimizers else None,
+               "lr": lrs.get(net),
                "seconds": round(seconds, 3), "trained": net in stage.trained}
         if net in exp.skipped_steps:
             row["skipped_steps"] = exp.skipped_steps[net]  # fp16: steps whose scaled gradients overflowed
