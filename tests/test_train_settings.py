@@ -130,7 +130,7 @@ def test_adamw_steps_like_torch_adamw(tmp_path):
             o.zero_grad()
             F.cross_entropy(model(x), y).backward()
             o.step()
-    for p, want, l2 in zip(exp.networks["a"].parameters(), reference.parameters(), adam.parameters()):
+    for p, want in zip(exp.networks["a"].parameters(), reference.parameters()):
         torch.testing.assert_close(p.detach(), want.detach(), rtol=1e-5, atol=1e-7)
     assert any(not torch.allclose(p, q, atol=1e-4) for p, q in zip(reference.parameters(), adam.parameters()))
 
