@@ -78,3 +78,121 @@ def test_nproc_option_relaunches_under_torchrun():
     cmd = calls[0]
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert cmd[5:] == ["-m", "xdsl", "run", "s.xspec", "--epochs", "1"]
+
+
+# ---- `xdsl run --nproc 2` end to end: BatchNorm, a frozen teacher, unequal test shards, SIGKILL + resume ----
+
+BN_SPEC = """data synthetic(num_classes=4, shape=[1, 8, 8], train_size=128, test_size=61, batch_size=16)
+network teacher = builtin.cnn(num_classes=4, in_channels=1, width=4)
+network s1, s2 = builtin.cnn(num_classes=4, in_channels=1, width=4)
+cut s1, s2 at "layer2" into up, down
+train pre { minimize ce(teacher, y) wrt teacher; optimizer sgd(lr=0.05, momentum=0.9); epochs 2 }
+train kd after pre {
+    minimize kd(teacher, s1, y, T=2.0, alpha=0.5) wrt s1
+    minimize kd(teacher, s2, y, T=2.0, alpha=0.5) + kl(s1, s2) wrt s2
+    optimizer sgd(lr=0.05, momentum=0.9)
+    epochs 3
+}
+evaluate accuracy, xross(s1, s2), ensemble(s1, s2), entropy
+"""  # builtin.cnn has BatchNorm; the teacher is frozen in `kd`; 61 test samples: shards of 31 and 30
+BN_BLOCKS = ("pre", "kd")
+
+
+def _xdsl_nproc2(spec, out, *extra: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "xdsl", "run", str(spec), "--out", str(out), "--device", "cpu",
+                             "--quiet", "--nproc", "2", *extra], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+
+@pytest.fixture(scope="module")
+def nproc2_run(tmp_path_factory):
+    """One uninterrupted `xdsl run --nproc 2` (the option itself launching torchrun)."""
+    home = tmp_path_factory.mktemp("nproc2")
+    spec = home / "bn.xspec"
+    spec.write_text(BN_SPEC)
+    out = home / "run"
+    proc = _xdsl_nproc2(spec, out)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-4000:]
+    return spec, out
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+def test_nproc_2_evaluation_merged_over_unequal_shards_equals_the_saved_model_on_the_whole_test_set(nproc2_run):
+    """Sample-weighted and exact: the merged numbers of 2 processes (shards of 31 and 30 samples, each
+    process with its own BatchNorm statistics during training) are those of rank 0's saved weights
+    evaluated by one process over all 61 samples."""
+    import json
+
+    from xdsl.train.eval_checkpoint import evaluate_checkpoint  # what `xdsl eval` runs
+
+    spec, out = nproc2_run
+    results = json.loads((out / "results.json").read_text())["stages"]["kd"]["evaluate"]
+    assert results["processes"] == 2 and results["num_samples"] == 61
+    whole = evaluate_checkpoint(spec, out / "checkpoints" / "kd" / "final.pt", device="cpu")
+    assert [i["kind"] for i in results["items"]] == [i["kind"] for i in whole["items"]]
+    for merged, single in zip(results["items"], whole["items"]):
+        for a, b in zip(merged.get("rows", []) + merged.get("members", []),
+                        single.get("rows", []) + single.get("members", [])):
+            assert a["path"] == b["path"]
+            assert a["accuracy"] * 61 == pytest.approx(b["accuracy"] * 61, abs=1e-9), a["path"]  # same count
+            for key in ("loss", "entropy"):
+                if b.get(key) is not None:
+                    assert a[key] == pytest.approx(b[key], rel=1e-5), (a["path"], key)
+        if merged["kind"] == "ensemble":
+            assert merged["accuracy"] == pytest.approx(single["accuracy"], abs=1e-12)
+    # the per-epoch test accuracy (counts added over the shards) of the last epoch is the same number
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    accuracy = {r["label"]: r["accuracy"] for r in whole["items"][0]["rows"]}
+    for net in ("s1", "s2", "teacher"):
+        last = [r for r in rows if r["stage"] == "kd" and r["network"] == net][-1]
+        assert last["epoch"] == 3 and last["test_acc"] == pytest.approx(accuracy[net], abs=1e-12), net
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")
+def test_sigkill_of_a_2_process_run_then_resume_ends_bit_identical(nproc2_run, tmp_path, test_seed):
+    """kill -9 of torchrun and both workers at a random epoch boundary (+ a random delay), then
+    `xdsl run --nproc 2 --resume`: every block's final.pt equals the uninterrupted 2-process run's."""
+    import random
+    import signal
+    import time
+
+    spec, reference = nproc2_run
+    out = tmp_path / "run"
+    rng = random.Random(test_seed)
+    rows_before_kill = rng.randint(1, 5) * 3  # 3 rows (networks) an epoch; 5 epochs in all
+    delay = rng.uniform(0.0, 0.3)
+    where = f"killed {delay:.2f} s after metrics row {rows_before_kill} (seed {test_seed})"
+    proc = _xdsl_nproc2(spec, out, start_new_session=True)  # its own process group: torchrun and workers
+    metrics = out / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline and not (
+                metrics.exists() and metrics.read_text().count("\n") >= rows_before_kill):
+            time.sleep(0.01)
+        time.sleep(delay)
+        assert proc.poll() is None, f"the run ended before it was {where}: {proc.stdout.read()[-3000:]}"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    resumed = _xdsl_nproc2(spec, out, "--resume")
+    output, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, f"{where}\n{output[-4000:]}"
+    for block in BN_BLOCKS:
+        got = torch.load(out / "checkpoints" / block / "final.pt", weights_only=True)["modules"]
+        want = torch.load(reference / "checkpoints" / block / "final.pt", weights_only=True)["modules"]
+        assert got.keys() == want.keys()
+        different = [k for k in want if not torch.equal(got[k], want[k])]
+        assert not different, f"{where}: {block}: {different[:5]}"
+    import json
+
+    def keys(run_dir):
+        return [(r["stage"], r["epoch"], r["network"]) for r in
+                map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+
+    assert keys(out) == keys(reference) and len(set(keys(out))) == 5 * 3  # each epoch's row once, in order

@@ -37,6 +37,7 @@ def epoch_accuracy(exp: Experiment, loader: Iterable, device: torch.device,
                    max_batches: int | None = None) -> dict[str, float]:
     """Top-1 test accuracy of every network (the per-epoch metric; `evaluate` does the rest); under
     torchrun each process scores its shard and the counts are added up."""
+    _use_rank0_buffers(exp)
     exp.set_train_mode(False)
     correct = {n: torch.zeros((), device=device) for n in exp.networks}
     total = 0
@@ -62,6 +63,18 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _use_rank0_buffers(exp: Experiment) -> None:
+    """Give every process rank 0's buffers (BatchNorm statistics) before it scores its shard.
+
+    Training keeps them per process (DDP's `broadcast_buffers=False`), but rank 0's are the ones the
+    checkpoints hold: a process scoring its shard with its own statistics would score a model no
+    checkpoint holds, and the merged numbers would not be the saved model's.
+    """
+    if _distributed():
+        for buffer in exp.compiled.root.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
 def _per_sample(item: ir.EvalItem) -> bool:
     return item.kind in EVALUATIONS and EVALUATIONS.get(item.kind).per_sample
 
@@ -69,6 +82,7 @@ def _per_sample(item: ir.EvalItem) -> bool:
 def evaluate_sharded(exp: Experiment, bundle: DataBundle, items: list[ir.EvalItem], device: torch.device,
                      rank: int, world: int, snapshot_state: SnapshotState | None) -> dict[str, Any]:
     """The evaluate clause over `world` processes; rank 0 gets the whole result, the others `{"items": []}`."""
+    _use_rank0_buffers(exp)
     shardable = [i for i in items if _per_sample(i)]
     rest = [i for i in items if not _per_sample(i)]
     mine = evaluate_items(exp, shard_loader(bundle, rank, world), shardable, device=device,

@@ -10,7 +10,8 @@ What xdsl sets, and why:
 - `find_unused_parameters=False`: owned parameters that an objective does not use are excluded
   statically (from the generated graph), so DDP needs no per-step graph search.
 - `broadcast_buffers=False`: BatchNorm statistics stay per process (as in single-GPU training on
-  that process's shard); checkpoints and evaluation use rank 0's.
+  that process's shard); checkpoints hold rank 0's, and every process evaluates with rank 0's
+  (broadcast before each evaluation, `xdsl.eval.sharded`), so merged test accuracy is the saved model's.
 - `order simultaneous` runs one forward for all objectives and one backward per network; DDP's
   reducer assumes one backward per forward, so there each network's gradients are averaged with
   one flat `all_reduce` per step instead (the same collective DDP issues).
