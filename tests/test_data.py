@@ -94,7 +94,8 @@ def _order(bundle: DataBundle, epoch_seed: int) -> torch.Tensor:
 
 def test_registry_and_params():
     assert set(DATASETS) == {"digits", "synthetic", "cifar10", "cifar100", "tiny_imagenet"}
-    assert dataset_params("digits") == {"train_fraction": 0.5, "batch_size": 64, "val_fraction": 0.0}
+    pipeline = {"pipeline": "auto", "memory_budget": "25%"}  # every dataset accepts these
+    assert dataset_params("digits") == {"train_fraction": 0.5, "batch_size": 64, "val_fraction": 0.0, **pipeline}
     assert dataset_params("synthetic")["shape"] == [3, 8, 8]
     assert dataset_params("cifar10") == {
         "root": "data/cifar-10-batches-py",
@@ -102,6 +103,7 @@ def test_registry_and_params():
         "num_workers": 2,
         "augment": True,
         "val_fraction": 0.0,
+        **pipeline,
     }
     assert dataset_params("cifar100")["root"] == "data/cifar-100-python"
     assert dataset_params("tiny_imagenet") == {
@@ -109,7 +111,9 @@ def test_registry_and_params():
         "batch_size": 128,
         "num_workers": 4,
         "augment": True,
+        "cache_dir": "",
         "val_fraction": 0.0,
+        **pipeline,
     }
 
 

@@ -1,5 +1,9 @@
 """DataBundle: the train/test (and validation) datasets of one experiment plus the loader policy shared by
-all trainers."""
+all trainers.
+
+Loaders come from here only: a per-sample DataLoader, or, once `use_device` chose it, the batched
+pipeline (`pipeline.py`) over device-resident uint8 images. Both yield the same batches.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from xdsl.data.pipeline import DEFAULT_BUDGET, BatchedLoader, choose, epoch_order
 from xdsl.errors import XdslError
 
 __all__ = ["DataBundle", "seed_worker"]
@@ -41,8 +46,39 @@ class DataBundle:
     name: str = ""
     classes: list[str] | None = None
     val: Dataset | None = None  # validation split (`val_fraction=`, or the dataset's own); eval transform
+    pipeline: str = "auto"               # auto | batched | per_sample (see pipeline.py)
+    memory_budget: str = DEFAULT_BUDGET  # what the batched path may hold on the training device
+    notes: list[str] = field(default_factory=list)  # e.g. an image cache that was rebuilt, and why
     _test_loader: DataLoader | None = field(default=None, init=False, repr=False, compare=False)
     _val_loader: DataLoader | None = field(default=None, init=False, repr=False, compare=False)
+    _on_device: dict[str, tuple[Tensor, Tensor]] | None = field(default=None, init=False, repr=False,
+                                                                compare=False)
+
+    def use_device(self, device: torch.device) -> str:
+        """Choose the pipeline for training on `device`; the batched one copies the uint8 images there.
+
+        Returns the run header's line saying which path runs and why.
+        """
+        choice = choose(self.pipeline, self.memory_budget, (self.train, self.test), torch.device(device))
+        self._on_device = None
+        self._test_loader = None
+        if choice.batched:
+            self._on_device = {
+                split: (ds.images.to(device), ds.labels.to(device))
+                for split, ds in (("train", self.train), ("test", self.test))
+            }
+        return choice.line
+
+    @property
+    def batched(self) -> bool:
+        """Whether loaders come from the batched pipeline (after `use_device` chose it)."""
+        return self._on_device is not None
+
+    def _batched_loader(self, split: str, order: Tensor, epoch_seed: int) -> BatchedLoader:
+        dataset = self.train if split == "train" else self.test
+        images, labels = self._on_device[split]  # type: ignore[index]
+        return BatchedLoader(dataset, images, labels, dataset.recipe(), order=order, batch_size=self.batch_size,
+                             epoch_seed=epoch_seed)
 
     def _loader_kwargs(self) -> dict:
         workers = self.num_workers
@@ -71,6 +107,9 @@ class DataBundle:
             sampler_set_epoch = getattr(sampler, "set_epoch", None)
             if callable(sampler_set_epoch):
                 sampler_set_epoch(int(epoch_seed))
+        if self.batched:
+            order = epoch_order(len(self.train), epoch_seed, sampler)  # type: ignore[arg-type]
+            return self._batched_loader("train", order, epoch_seed)  # type: ignore[return-value]
         return DataLoader(
             self.train,
             shuffle=sampler is None,
@@ -81,6 +120,9 @@ class DataBundle:
 
     def test_loader(self) -> DataLoader:
         """The evaluation loader, in dataset order; cached so persistent workers survive between evals."""
+        if self._test_loader is None and self.batched:
+            order = torch.arange(len(self.test))  # type: ignore[arg-type]
+            self._test_loader = self._batched_loader("test", order, 0)  # type: ignore[assignment]
         if self._test_loader is None:
             self._test_loader = DataLoader(self.test, shuffle=False, **self._loader_kwargs())
         return self._test_loader

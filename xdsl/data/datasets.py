@@ -13,6 +13,7 @@ from torch.utils.data import TensorDataset
 from xdsl.data.bundle import DataBundle
 from xdsl.data.images import cifar10, cifar100, tiny_imagenet
 from xdsl.data.params import BuildContext, DataParamError, check_kwargs, require
+from xdsl.data.pipeline import DEFAULT_BUDGET, PIPELINES, batchable, parse_budget
 from xdsl.data.split import with_validation
 
 __all__ = ["DATASETS", "VAL_FRACTION", "build_data", "dataset_params", "digits", "synthetic"]
@@ -122,12 +123,31 @@ def _factory(name: str) -> Callable[..., DataBundle]:
     return factory
 
 
+# parameters every dataset accepts: which input pipeline runs (pipeline.py), set on the DataBundle
+PIPELINE_PARAMS: dict[str, Any] = {"pipeline": "auto", "memory_budget": DEFAULT_BUDGET}
+
+
 def dataset_params(name: str) -> dict[str, Any]:
     """Accepted parameters of dataset `name` with their defaults (lists as lists), for static checks;
     every dataset also takes `val_fraction` (0: no validation split carved out, see `xdsl.data.split`)."""
     params = list(inspect.signature(_factory(name)).parameters.values())[1:]
-    return {**{p.name: list(p.default) if isinstance(p.default, tuple) else p.default for p in params},
-            VAL_FRACTION: 0.0}
+    own = {p.name: list(p.default) if isinstance(p.default, tuple) else p.default for p in params}
+    return {**own, VAL_FRACTION: 0.0, **PIPELINE_PARAMS}
+
+
+def _pipeline_settings(name: str, merged: dict[str, Any]) -> tuple[str, str]:
+    """Take `pipeline` and `memory_budget` out of the parameters, checked."""
+    pipeline, budget = merged.pop("pipeline"), merged.pop("memory_budget")
+    if pipeline not in PIPELINES:
+        raise DataParamError(f"parameter 'pipeline' of dataset '{name}' must be one of "
+                             f"{', '.join(repr(p) for p in PIPELINES)}, got {pipeline!r}", dataset=name, key="pipeline")
+    try:
+        parse_budget(budget)
+    except ValueError:
+        raise DataParamError(f"parameter 'memory_budget' of dataset '{name}' must be a share of free memory "
+                             f"like \"25%\" or a size like \"2GiB\" or \"500MB\", got {budget!r}",
+                             dataset=name, key="memory_budget") from None
+    return pipeline, budget
 
 
 def build_data(
@@ -141,19 +161,28 @@ def build_data(
     """Validate `kwargs` for dataset `name` and build its DataBundle.
 
     Relative `root` paths resolve against `spec_dir` (else the CWD); `seed` seeds augmentation (combined
-    with each epoch seed) and the `val_fraction` split; `device_is_cuda` turns on pinned memory. Every
-    failure is an XdslError (DataParamError, carrying `.dataset` and `.key`).
+    with each epoch seed) and the `val_fraction` split; `device_is_cuda` turns on pinned memory.
+    `pipeline` and `memory_budget`, which every dataset accepts, are stored on the bundle;
+    `DataBundle.use_device` acts on them. Every failure is an XdslError (DataParamError, carrying
+    `.dataset` and `.key`).
     """
     factory = _factory(name)
     merged = check_kwargs(name, dict(kwargs or {}), dataset_params(name))
     val_fraction = merged.pop(VAL_FRACTION)
+    pipeline, budget = _pipeline_settings(name, merged)
     ctx = BuildContext(
         name=name,
         spec_dir=Path(spec_dir) if spec_dir is not None else None,
         seed=int(seed),
         device_is_cuda=bool(device_is_cuda),
     )
-    if val_fraction == 0:
-        return factory(ctx, **merged)
-    require(0.0 < val_fraction < 1.0, ctx, VAL_FRACTION, "a number in [0, 1)", val_fraction)
-    return with_validation(factory(ctx, **merged), val_fraction, ctx.seed)
+    bundle = factory(ctx, **merged)
+    if val_fraction != 0:
+        require(0.0 < val_fraction < 1.0, ctx, VAL_FRACTION, "a number in [0, 1)", val_fraction)
+        bundle = with_validation(bundle, val_fraction, ctx.seed)
+    if pipeline == "batched" and not (batchable(bundle.train) and batchable(bundle.test)):
+        split = " once val_fraction has split its train set" if val_fraction else ""
+        raise DataParamError(f"pipeline=\"batched\" needs uint8 images, which dataset '{name}' does not have{split}",
+                             dataset=name, key="pipeline", hint='use pipeline="auto" or "per_sample"')
+    bundle.pipeline, bundle.memory_budget = pipeline, budget
+    return bundle

@@ -1,8 +1,10 @@
 """CIFAR-10/100 and Tiny ImageNet read from their standard on-disk layouts (never downloaded).
 
-Augmentation uses torchvision.transforms.v2 functional ops with a per-sample torch.Generator seeded
-from (run seed, epoch seed, index): results are identical for any num_workers, resumable per epoch,
-and never consume the global RNG the trainer uses for init and dropout.
+Both become uint8 image tensors: CIFAR as its pickles hold them, Tiny ImageNet decoded once into a
+validated cache file (`cache.py`). Augmentation (`augment.py`) draws each sample's crop and flip from a
+hash of (run seed, epoch seed, index): results are identical for any num_workers, resumable per epoch,
+the same in the per-sample and the batched pipeline (`pipeline.py`), and never consume the global RNG
+the trainer uses for init and dropout.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.transforms.v2 import functional as F
 
+from xdsl.data.augment import Recipe, augment_one, draw
 from xdsl.data.bundle import DataBundle
+from xdsl.data.cache import cache_file, cached_images, decode_image
 from xdsl.data.params import BuildContext, DataParamError, require
-from xdsl.errors import XdslError
 
 __all__ = ["AugmentedImages", "UInt8Images", "ImageFiles", "cifar10", "cifar100", "tiny_imagenet"]
 
@@ -37,22 +39,12 @@ CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
-_MASK64 = (1 << 64) - 1
 _IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
 
 
-def _mix(*values: int) -> int:
-    """splitmix64-style mixing: distinct (seed, epoch, index) give unrelated 63-bit seeds."""
-    state = 0x9E3779B97F4A7C15
-    for v in values:
-        state = (state ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & _MASK64
-        state ^= state >> 29
-    return state >> 1
-
-
 class AugmentedImages(Dataset):
-    """uint8 (3, H, W) images -> optional pad/crop/flip -> float normalised; subclasses supply `_load`."""
+    """uint8 (3, H, W) images -> the training recipe (if `augment`) or normalisation; subclasses supply
+    `_load`. Without an explicit `recipe`, training means pad `pad` pixels, random crop, random flip."""
 
     def __init__(
         self,
@@ -65,16 +57,16 @@ class AugmentedImages(Dataset):
         pad: int = 4,
         pad_mode: str = "reflect",
         seed: int = 0,
+        recipe: Recipe | None = None,
     ):
         self.labels = labels
-        self.size = size
-        self.mean = list(mean)
-        self.std = list(std)
+        self.size = tuple(size)
         self.augment = augment
-        self.pad = pad
-        self.pad_mode = pad_mode
         self.seed = seed
         self.epoch = 0
+        self.train_recipe = recipe or Recipe(tuple(mean), tuple(std), crop="pad", flip=True, pad=pad,
+                                             pad_mode=pad_mode)
+        self.eval_recipe = Recipe(tuple(mean), tuple(std))
 
     def set_epoch(self, epoch_seed: int) -> None:
         """Called by DataBundle.train_loader so augmentation differs per epoch but replays exactly."""
@@ -86,6 +78,10 @@ class AugmentedImages(Dataset):
         view.augment = False
         return view
 
+    def recipe(self) -> Recipe:
+        """What `__getitem__` applies now: the training recipe, or normalisation when not augmenting."""
+        return self.train_recipe if self.augment else self.eval_recipe
+
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -94,26 +90,16 @@ class AugmentedImages(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         img = self._load(index)
-        if self.augment:
-            img = self._random_crop_flip(img, index)
-        img = F.to_dtype(img, torch.float32, scale=True)
-        return F.normalize(img, self.mean, self.std), int(self.labels[index])
-
-    def _random_crop_flip(self, img: Tensor, index: int) -> Tensor:
-        gen = torch.Generator()
-        gen.manual_seed(_mix(self.seed, self.epoch, index))
-        span = 2 * self.pad + 1
-        k = int(torch.randint(0, 2 * span * span, (1,), generator=gen))
-        flip, k = k % 2, k // 2
-        top, left = divmod(k, span)
-        if self.pad:
-            img = F.pad(img, [self.pad], padding_mode=self.pad_mode)
-        img = F.crop(img, top, left, self.size[0], self.size[1])
-        return F.horizontal_flip(img) if flip else img
+        recipe = self.recipe()
+        box = draw(recipe, self.seed, self.epoch, [index], tuple(img.shape[-2:])).row(0) if recipe.random else \
+            (0, 0, img.shape[-2], img.shape[-1], False)
+        return augment_one(img, box, recipe), int(self.labels[index])
 
 
 class UInt8Images(AugmentedImages):
-    """In-memory images (N, 3, H, W) uint8, as CIFAR ships them."""
+    """Images held as one uint8 tensor (N, 3, H, W): CIFAR as it ships, or a decoded image cache.
+
+    This is the class the batched pipeline recognises (see `pipeline.batchable`)."""
 
     def __init__(self, images: Tensor, labels: Tensor, **kwargs):
         super().__init__(labels, size=(images.shape[-2], images.shape[-1]), **kwargs)
@@ -124,25 +110,14 @@ class UInt8Images(AugmentedImages):
 
 
 class ImageFiles(AugmentedImages):
-    """Images decoded lazily from files (Tiny ImageNet), forced to RGB and `size`."""
+    """Images decoded lazily from files, forced to RGB and `size` (for files not worth caching)."""
 
     def __init__(self, paths: list[str], labels: Tensor, **kwargs):
         super().__init__(labels, **kwargs)
         self.paths = paths
 
     def _load(self, index: int) -> Tensor:
-        # PIL rather than torchvision.io, whose decoders are deprecated since torchvision 0.29.
-        from PIL import Image, UnidentifiedImageError
-
-        path = self.paths[index]
-        try:
-            with Image.open(path) as pil:
-                img = F.pil_to_tensor(pil.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as e:
-            raise XdslError(f"cannot decode image {path}: {e}") from None
-        if tuple(img.shape[-2:]) != self.size:
-            img = F.resize(img, list(self.size), antialias=True)
-        return img
+        return decode_image(self.paths[index], self.size)
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR
@@ -348,8 +323,13 @@ def tiny_imagenet(
     batch_size: int = 128,
     num_workers: int = 4,
     augment: bool = True,
+    cache_dir: str = "",
 ) -> DataBundle:
-    """Tiny ImageNet 200 (64x64); the labelled `val` split serves as the test set."""
+    """Tiny ImageNet 200 (64x64); the labelled `val` split serves as the test set.
+
+    The JPEGs are decoded once into uint8 cache files (`<root>/.xdsl-cache/`, or `cache_dir`), reused
+    while valid and newer than the images, rebuilt otherwise (see `cache.py`).
+    """
     _check_loader_params(ctx, batch_size, num_workers)
     path = ctx.resolve(root)
     expected = (
@@ -404,24 +384,21 @@ def tiny_imagenet(
         test_paths.append(str(val_dir / name))
         test_labels.append(index[fields[1].strip()])
 
-    common = {
-        "size": (64, 64),
-        "mean": IMAGENET_MEAN,
-        "std": IMAGENET_STD,
-        "pad": 4,
-        "pad_mode": "constant",
-        "seed": ctx.seed,
-    }
+    size = (64, 64)
+    cache_root = ctx.resolve(cache_dir) if cache_dir else None
+    notes: list[str] = []
+    x_train = cached_images(train_paths, size, cache_file(path, "train", size, cache_root), notes)
+    x_test = cached_images(test_paths, size, cache_file(path, "val", size, cache_root), notes)
+    common = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "pad": 4, "pad_mode": "constant", "seed": ctx.seed}
     return DataBundle(
-        train=ImageFiles(
-            train_paths, torch.tensor(train_labels, dtype=torch.long), augment=augment, **common
-        ),
-        test=ImageFiles(test_paths, torch.tensor(test_labels, dtype=torch.long), augment=False, **common),
+        train=UInt8Images(x_train, torch.tensor(train_labels, dtype=torch.long), augment=augment, **common),
+        test=UInt8Images(x_test, torch.tensor(test_labels, dtype=torch.long), augment=False, **common),
         num_classes=len(wnids),
-        input_shape=(3, 64, 64),
+        input_shape=(3, *size),
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=ctx.device_is_cuda,
         name=ctx.name,
         classes=_word_names(path / "words.txt", wnids),
+        notes=notes,
     )

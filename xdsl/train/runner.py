@@ -472,9 +472,12 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
 
         logger.trackers = make_trackers(opts.mlflow, opts.wandb, f"{out.name}-seed{seed}",
                                         run_settings(program, seed, opts.overrides), out)
+    data_line = bundle.use_device(device)  # batched uint8 pipeline on `device`, or per-sample loaders
+    for line in [data_line, *bundle.notes]:
+        logger.console.print(f"[dim]data {program.data.name}: {line}[/]")
     initial_state = {k: v.detach().clone() for k, v in exp.compiled.root.state_dict().items()}
     snapshots = _uses_snapshots(program)
-    results: dict[str, Any] = {"spec": str(spec), "seed": seed, "device": str(device),
+    results: dict[str, Any] = {"spec": str(spec), "seed": seed, "device": str(device), "data": data_line,
                                "num_classes": bundle.num_classes, "stages": {},
                                "best_on": "validation" if bundle.val is not None else "test"}
     try:

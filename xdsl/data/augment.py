@@ -1,0 +1,252 @@
+"""Augmentation recipes, their random draws, and two implementations: one image at a time, or a batch.
+
+A `Recipe` names what a training image goes through: a random crop (after padding, or random-resized),
+a horizontal flip with probability 1/2, conversion to float in [0, 1], and normalisation. Evaluation
+images go through normalisation only.
+
+Every random number comes from a counter-based hash of (run seed, epoch seed, sample index, stream),
+not from a stateful generator. So a sample is augmented the same way whichever process, worker or
+batch it lands in, and whether it is augmented alone or with its whole batch:
+
+    draws = draw(recipe, seed, epoch_seed, indices, (H, W))   # host numpy, cheap
+    augment_one(images[i], draws.row(k), recipe)                   # per-sample path (torchvision ops)
+    augment_batch(images[indices], draws, recipe)                   # batched path: a few tensor ops
+
+For pad-and-crop recipes the two paths give bit-identical tensors; for random-resized crop the batched
+resize is the same antialiased bilinear filter as torchvision's, written as two batched matrix
+products, so it agrees with the per-sample path to float rounding (about 1e-6).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as nnf
+from torch import Tensor
+from torchvision.transforms.v2 import functional as F
+
+__all__ = ["CROPS", "Draws", "Recipe", "augment_batch", "augment_one", "draw", "uniforms"]
+
+CROPS = ("none", "pad", "resized")
+PAD_MODES = ("constant", "reflect", "edge")
+RESIZED_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries ten boxes before a centre crop
+
+_MASK64 = (1 << 64) - 1
+_GOLDEN, _MUL1, _MUL2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One augmentation recipe; `crop` is 'none', 'pad' (pad, then a random crop) or 'resized'.
+
+    `size` is the output (H, W); None keeps the input size (what 'pad' means for CIFAR: pad 4, crop 32).
+    'resized' follows torchvision's RandomResizedCrop (area fraction `scale`, aspect ratio `ratio`,
+    log-uniform, ten attempts, then a centre crop) with an antialiased bilinear resize.
+    """
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop: str = "none"
+    flip: bool = False
+    size: tuple[int, int] | None = None
+    pad: int = 4
+    pad_mode: str = "reflect"
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
+        if self.pad_mode not in PAD_MODES:
+            raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
+        if self.crop == "resized" and self.size is None:
+            raise ValueError("a 'resized' crop needs an output size")
+
+    @property
+    def random(self) -> bool:
+        """Whether the recipe draws anything (a crop or a flip)."""
+        return self.crop != "none" or self.flip
+
+    def out_size(self, in_size: tuple[int, int]) -> tuple[int, int]:
+        return tuple(self.size) if self.size is not None else tuple(in_size)  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------ draws
+
+
+def _mix(state: np.ndarray, value: np.ndarray | int) -> np.ndarray:
+    """One splitmix64 round (uint64, wrapping): distinct inputs give unrelated outputs."""
+    state = (state ^ np.uint64(int(value) & _MASK64) if isinstance(value, int) else state ^ value) * np.uint64(_MUL1)
+    state = (state ^ (state >> np.uint64(31))) * np.uint64(_MUL2)
+    return state ^ (state >> np.uint64(29))
+
+
+def uniforms(seed: int, epoch_seed: int, indices: np.ndarray, streams: int) -> np.ndarray:
+    """(len(indices), streams) float64 uniforms in [0, 1), a pure function of every argument.
+
+    Column k of row i depends only on (seed, epoch_seed, indices[i], k): no state, so any split of the
+    samples over batches, workers or processes draws the same numbers for the same sample.
+    """
+    idx = np.asarray(indices, dtype=np.int64).astype(np.uint64).reshape(-1, 1)
+    with np.errstate(over="ignore"):
+        state = np.full((1, 1), _GOLDEN, dtype=np.uint64)
+        state = _mix(_mix(state, seed), epoch_seed)
+        state = _mix(state, idx)
+        state = _mix(state, np.arange(streams, dtype=np.uint64).reshape(1, -1))
+    return (state >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+@dataclass(frozen=True)
+class Draws:
+    """Per-sample crop boxes (in input pixels) and flips: what augmentation does to each image."""
+
+    top: np.ndarray     # int64 (B,); for 'pad', rows of the padded image
+    left: np.ndarray    # int64 (B,)
+    height: np.ndarray  # int64 (B,); crop size in the (padded) input
+    width: np.ndarray   # int64 (B,)
+    flip: np.ndarray    # bool (B,)
+
+    def row(self, k: int) -> tuple[int, int, int, int, bool]:
+        return (int(self.top[k]), int(self.left[k]), int(self.height[k]), int(self.width[k]), bool(self.flip[k]))
+
+
+def _below(u: np.ndarray, n: np.ndarray | int) -> np.ndarray:
+    """Uniform integers in [0, n) from uniforms in [0, 1)."""
+    return np.minimum(np.floor(u * n).astype(np.int64), np.asarray(n, dtype=np.int64) - 1)
+
+
+def draw(recipe: Recipe, seed: int, epoch_seed: int, indices: np.ndarray | Sequence[int],
+         in_size: tuple[int, int]) -> Draws:
+    """The random crop and flip of each sample in `indices` for this (seed, epoch)."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    n = len(idx)
+    h, w = in_size
+    out_h, out_w = recipe.out_size(in_size)
+    u = uniforms(seed, epoch_seed, idx, 3 + (2 * RESIZED_ATTEMPTS if recipe.crop == "resized" else 0))
+    flip = (u[:, 2] < 0.5) if recipe.flip else np.zeros(n, dtype=bool)
+    if recipe.crop == "pad":
+        span_h, span_w = h + 2 * recipe.pad - out_h + 1, w + 2 * recipe.pad - out_w + 1
+        top, left = _below(u[:, 0], span_h), _below(u[:, 1], span_w)
+        return Draws(top, left, np.full(n, out_h), np.full(n, out_w), flip)
+    if recipe.crop == "none":
+        zeros = np.zeros(n, dtype=np.int64)
+        return Draws(zeros, zeros.copy(), np.full(n, h), np.full(n, w), flip)
+    ch, cw = _resized_boxes(recipe, u[:, 3:], h, w)
+    return Draws(_below(u[:, 0], h - ch + 1), _below(u[:, 1], w - cw + 1), ch, cw, flip)
+
+
+def _resized_boxes(recipe: Recipe, u: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Box sizes as torchvision's RandomResizedCrop.get_params picks them, for all samples at once."""
+    lo, hi = math.log(recipe.ratio[0]), math.log(recipe.ratio[1])
+    area = h * w * (recipe.scale[0] + (recipe.scale[1] - recipe.scale[0]) * u[:, :RESIZED_ATTEMPTS])
+    aspect = np.exp(lo + (hi - lo) * u[:, RESIZED_ATTEMPTS:])
+    cw = np.round(np.sqrt(area * aspect)).astype(np.int64)  # round half to even, like Python's round
+    ch = np.round(np.sqrt(area / aspect)).astype(np.int64)
+    ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = ok.argmax(axis=1)
+    rows = np.arange(len(u))
+    box_h, box_w = ch[rows, first], cw[rows, first]
+    centre_h, centre_w = _centre_box(recipe, h, w)
+    none = ~ok.any(axis=1)
+    box_h[none], box_w[none] = centre_h, centre_w
+    return box_h, box_w
+
+
+def _centre_box(recipe: Recipe, h: int, w: int) -> tuple[int, int]:
+    """torchvision's fallback when no attempt fits: the whole image, cut to the nearest allowed ratio."""
+    in_ratio = w / h
+    if in_ratio < min(recipe.ratio):
+        return int(round(w / min(recipe.ratio))), w
+    if in_ratio > max(recipe.ratio):
+        return h, int(round(h * max(recipe.ratio)))
+    return h, w
+
+
+# ------------------------------------------------------------------------------------- per sample
+
+
+def _to_float(img: Tensor, recipe: Recipe) -> Tensor:
+    return F.normalize(F.to_dtype(img, torch.float32, scale=True), list(recipe.mean), list(recipe.std))
+
+
+def augment_one(img: Tensor, box: tuple[int, int, int, int, bool], recipe: Recipe) -> Tensor:
+    """The reference: one uint8 (C, H, W) image through torchvision's functional ops, given its draws.
+
+    The centre fallback of a 'resized' crop is centred, as in torchvision; its draws carry the offset.
+    """
+    top, left, height, width, flip = box
+    if recipe.crop == "pad":
+        if recipe.pad:
+            img = F.pad(img, [recipe.pad], padding_mode=recipe.pad_mode)
+        img = F.crop(img, top, left, height, width)
+    elif recipe.crop == "resized":
+        img = F.to_dtype(img, torch.float32, scale=True)
+        img = F.resized_crop(img, top, left, height, width, list(recipe.out_size(img.shape[-2:])), antialias=True)
+        img = F.horizontal_flip(img) if flip else img
+        return F.normalize(img, list(recipe.mean), list(recipe.std))
+    if flip:
+        img = F.horizontal_flip(img)
+    return _to_float(img, recipe)
+
+
+# ---------------------------------------------------------------------------------------- batched
+
+
+def augment_batch(images: Tensor, draws: Draws, recipe: Recipe) -> Tensor:
+    """A uint8 (B, C, H, W) batch, already gathered, augmented in a few tensor ops on its own device."""
+    device = images.device
+    flip = torch.as_tensor(draws.flip, device=device)
+    if recipe.crop == "resized":
+        return _resized_batch(images, draws, flip, recipe)
+    if recipe.crop == "pad":
+        images = _pad_crop_batch(images, draws, recipe)
+    if recipe.flip:
+        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+    return _to_float(images, recipe)
+
+
+def _pad_crop_batch(images: Tensor, draws: Draws, recipe: Recipe) -> Tensor:
+    """Pad the batch once, view every possible crop (unfold), and pick each sample's by index."""
+    out_h, out_w = int(draws.height[0]), int(draws.width[0])
+    if recipe.pad:
+        mode = "replicate" if recipe.pad_mode == "edge" else recipe.pad_mode
+        images = nnf.pad(images, (recipe.pad,) * 4, mode=mode)
+    windows = images.unfold(2, out_h, 1).unfold(3, out_w, 1)  # (B, C, rows, cols, out_h, out_w), a view
+    device = images.device
+    rows = torch.arange(len(images), device=device)
+    top = torch.as_tensor(draws.top, device=device)
+    left = torch.as_tensor(draws.left, device=device)
+    return windows.permute(0, 2, 3, 1, 4, 5)[rows, top, left]
+
+
+def _resize_weights(start: Tensor, length: Tensor, out: int, size: int) -> Tensor:
+    """(B, out, size) rows of torch's antialiased bilinear filter over [start, start + length).
+
+    The same kernel as `interpolate(mode="bilinear", antialias=True, align_corners=False)`: a triangle
+    of half-width max(scale, 1) input pixels, normalised to sum 1, zero outside the crop.
+    """
+    scale = (length.double() / out).view(-1, 1, 1)
+    inv = torch.where(scale >= 1, 1 / scale, torch.ones_like(scale))
+    centre = scale * (torch.arange(out, device=start.device, dtype=torch.float64).view(1, -1, 1) + 0.5)
+    j = torch.arange(size, device=start.device, dtype=torch.float64).view(1, 1, -1) - start.view(-1, 1, 1)
+    weights = (1 - ((j + 0.5 - centre) * inv).abs()).clamp_min(0)
+    weights = weights * ((j >= 0) & (j < length.view(-1, 1, 1)))
+    return (weights / weights.sum(-1, keepdim=True)).float()
+
+
+def _resized_batch(images: Tensor, draws: Draws, flip: Tensor, recipe: Recipe) -> Tensor:
+    """Crop + antialiased resize as rows @ image @ cols^T per sample (two batched matmuls); a flip
+    reverses the rows of the column matrix, so it costs nothing."""
+    device = images.device
+    out_h, out_w = recipe.out_size(images.shape[-2:])
+    as_t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+    wy = _resize_weights(as_t(draws.top), as_t(draws.height), out_h, images.shape[-2])
+    wx = _resize_weights(as_t(draws.left), as_t(draws.width), out_w, images.shape[-1])
+    wx = torch.where(flip.view(-1, 1, 1), wx.flip(1), wx)
+    x = F.to_dtype(images, torch.float32, scale=True)
+    x = wy.unsqueeze(1) @ x @ wx.transpose(1, 2).unsqueeze(1)
+    return F.normalize(x, list(recipe.mean), list(recipe.std))
