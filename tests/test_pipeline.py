@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
 
 from xdsl.data import DataParamError, build_data
-from xdsl.data.augment import Recipe, augment_batch, augment_one, draw
+from xdsl.data.augment import Recipe, augment_batch, augment_one, draw, draw_one
 from xdsl.data.images import UInt8Images
 from xdsl.data.pipeline import BatchedLoader, choose, epoch_order, parse_budget
 
@@ -125,6 +125,13 @@ def test_random_resized_boxes_have_torchvisions_distribution():
                          (d.left / (w - d.width + 1), tv[1] / (w - tv[3] + 1))]:
         assert stats.ks_2samp(ours, theirs).pvalue > 1e-3
     assert ((d.top >= 0) & (d.top + d.height <= h) & (d.left >= 0) & (d.left + d.width <= w)).all()
+
+
+def test_the_per_sample_fast_draw_equals_the_batched_draw():
+    for recipe in (Recipe(MEAN, STD, crop="pad", flip=True), Recipe(MEAN, STD, crop="pad", size=(24, 28), pad=2),
+                   Recipe(MEAN, STD, flip=True), Recipe(MEAN, STD, crop="resized", flip=True, size=(16, 16))):
+        batch = draw(recipe, 12, 345, np.arange(200), (32, 32))
+        assert [draw_one(recipe, 12, 345, i, (32, 32)) for i in range(200)] == [batch.row(k) for k in range(200)]
 
 
 def test_draws_depend_only_on_seed_epoch_and_index():

@@ -29,7 +29,7 @@ import torch.nn.functional as nnf
 from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["CROPS", "Draws", "Recipe", "augment_batch", "augment_one", "draw", "uniforms"]
+__all__ = ["CROPS", "Draws", "Recipe", "augment_batch", "augment_one", "draw", "draw_one", "uniforms"]
 
 CROPS = ("none", "pad", "resized")
 PAD_MODES = ("constant", "reflect", "edge")
@@ -100,6 +100,19 @@ def uniforms(seed: int, epoch_seed: int, indices: np.ndarray, streams: int) -> n
     return (state >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+def _mix_int(state: int, value: int) -> int:
+    """`_mix` on Python ints: the same numbers, without numpy's per-call overhead (one sample)."""
+    state = ((state ^ (value & _MASK64)) * _MUL1) & _MASK64
+    state = ((state ^ (state >> 31)) * _MUL2) & _MASK64
+    return state ^ (state >> 29)
+
+
+def _uniforms_one(seed: int, epoch_seed: int, index: int, streams: int) -> list[float]:
+    """Row `index` of `uniforms` (bit-identical), for the per-sample path."""
+    state = _mix_int(_mix_int(_mix_int(_GOLDEN, seed), epoch_seed), index)
+    return [(_mix_int(state, k) >> 11) * 2.0**-53 for k in range(streams)]
+
+
 @dataclass(frozen=True)
 class Draws:
     """Per-sample crop boxes (in input pixels) and flips: what augmentation does to each image."""
@@ -137,6 +150,21 @@ def draw(recipe: Recipe, seed: int, epoch_seed: int, indices: np.ndarray | Seque
         return Draws(zeros, zeros.copy(), np.full(n, h), np.full(n, w), flip)
     ch, cw = _resized_boxes(recipe, u[:, 3:], h, w)
     return Draws(_below(u[:, 0], h - ch + 1), _below(u[:, 1], w - cw + 1), ch, cw, flip)
+
+
+def draw_one(recipe: Recipe, seed: int, epoch_seed: int, index: int,
+             in_size: tuple[int, int]) -> tuple[int, int, int, int, bool]:
+    """`draw(...).row(0)` for one sample, fast: the per-sample path calls it once per image."""
+    if recipe.crop == "resized":
+        return draw(recipe, seed, epoch_seed, [index], in_size).row(0)
+    u = _uniforms_one(seed, epoch_seed, index, 3)
+    h, w = in_size
+    out_h, out_w = recipe.out_size(in_size)
+    flip = recipe.flip and u[2] < 0.5
+    if recipe.crop == "none":
+        return 0, 0, h, w, flip
+    span_h, span_w = h + 2 * recipe.pad - out_h + 1, w + 2 * recipe.pad - out_w + 1
+    return min(math.floor(u[0] * span_h), span_h - 1), min(math.floor(u[1] * span_w), span_w - 1), out_h, out_w, flip
 
 
 def _resized_boxes(recipe: Recipe, u: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:

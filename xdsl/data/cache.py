@@ -3,7 +3,7 @@
 Any dataset whose samples are image files of one output size can use it:
 
     images = cached_images(paths, (64, 64), cache_file(root, "train", (64, 64), cache_dir), notes)
-    # -> uint8 tensor (N, 3, 64, 64), memory-mapped from the cache file, row i = paths[i]
+    # -> uint8 tensor (N, 3, 64, 64) read from the cache file, row i = paths[i]
 
 The file holds a magic line, a JSON header and the raw pixels. The header records the shape, a SHA-256
 of the pixels, and a fingerprint of the sources (every path with its size and modification time). The
@@ -34,7 +34,7 @@ __all__ = ["CACHE_VERSION", "cache_file", "cached_images", "decode_image", "read
 
 CACHE_VERSION = 1
 MAGIC = b"XDSL-UINT8-IMAGES\n"
-_ALIGN = 64  # pixels start at a multiple of this, so the memory map is aligned
+_ALIGN = 64  # pixels start at a multiple of this (so the file can be memory-mapped by other tools)
 _CHUNK = 1 << 24
 
 
@@ -98,7 +98,9 @@ def read_cache(path: Path, shape: tuple[int, ...], sources: str, newest_ns: int)
             return None, "an image is newer than the cache"
         if os.path.getsize(path) != offset + int(np.prod(shape)):
             return None, "its size does not match its header (truncated?)"
-        pixels = np.memmap(path, dtype=np.uint8, mode="c", offset=offset, shape=tuple(shape))
+        # read into memory rather than memory-map: the bytes checked are the bytes used, even if the
+        # file is overwritten in place later
+        pixels = np.fromfile(path, dtype=np.uint8, offset=offset).reshape(shape)
         if _checksum(pixels) != header.get("sha256"):
             return None, "checksum mismatch (corrupt)"
     except (OSError, ValueError, UnicodeDecodeError, AttributeError, TypeError) as e:
@@ -159,8 +161,4 @@ def cached_images(paths: Sequence[str], size: tuple[int, int], path: Path,
     except OSError as e:
         notes.append(f"image cache {path} could not be written ({e.strerror or e}); decoded images kept in memory")
         return torch.from_numpy(pixels)
-    cached, why = read_cache(path, shape, sources, newest)
-    if cached is None:  # e.g. an image changed while decoding: use what was decoded, rebuild next time
-        notes.append(f"image cache {path}: {why} right after writing it; decoded images kept in memory")
-        return torch.from_numpy(pixels)
-    return cached
+    return torch.from_numpy(pixels)

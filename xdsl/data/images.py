@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from xdsl.data.augment import Recipe, augment_one, draw
+from xdsl.data.augment import Recipe, augment_one, draw_one
 from xdsl.data.bundle import DataBundle
 from xdsl.data.cache import cache_file, cached_images, decode_image
 from xdsl.data.params import BuildContext, DataParamError, require
@@ -91,8 +91,7 @@ class AugmentedImages(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         img = self._load(index)
         recipe = self.recipe()
-        box = draw(recipe, self.seed, self.epoch, [index], tuple(img.shape[-2:])).row(0) if recipe.random else \
-            (0, 0, img.shape[-2], img.shape[-1], False)
+        box = draw_one(recipe, self.seed, self.epoch, index, tuple(img.shape[-2:]))
         return augment_one(img, box, recipe), int(self.labels[index])
 
 
