@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from xdsl.data.augment import Recipe
+from xdsl.data.batch_augment import Recipe
 from xdsl.data.images import CIFAR10_MEAN, CIFAR10_STD, UInt8Images
 from xdsl.data.pipeline import BatchedLoader, epoch_order
 

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
 
 from xdsl.data import DataParamError, build_data
-from xdsl.data.augment import Recipe, augment_batch, augment_one, draw, draw_one
+from xdsl.data.batch_augment import Recipe, augment_batch, augment_one, draw, draw_one
 from xdsl.data.images import UInt8Images
 from xdsl.data.pipeline import BatchedLoader, choose, epoch_order, parse_budget
 

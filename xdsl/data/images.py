@@ -1,7 +1,7 @@
 """CIFAR-10/100 and Tiny ImageNet read from their standard on-disk layouts (never downloaded).
 
 Both become uint8 image tensors: CIFAR as its pickles hold them, Tiny ImageNet decoded once into a
-validated cache file (`cache.py`). Augmentation (`augment.py`) draws each sample's crop and flip from a
+validated cache file (`cache.py`). Augmentation (`batch_augment.py`) draws each sample's crop and flip from a
 hash of (run seed, epoch seed, index): results are identical for any num_workers, resumable per epoch,
 the same in the per-sample and the batched pipeline (`pipeline.py`), and never consume the global RNG
 the trainer uses for init and dropout.
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from xdsl.data.augment import Recipe, augment_one, draw_one
+from xdsl.data.batch_augment import Recipe, augment_one, draw_one, mix64
 from xdsl.data.bundle import DataBundle
 from xdsl.data.cache import cache_file, cached_images, decode_image
 from xdsl.data.params import BuildContext, DataParamError, require
@@ -40,6 +40,11 @@ CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 _IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png"}
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed for a torch.Generator from (seed, epoch, index, ...): distinct tuples, unrelated seeds."""
+    return mix64(*values) >> 1
 
 
 class AugmentedImages(Dataset):

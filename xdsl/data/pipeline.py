@@ -3,7 +3,7 @@
 The per-sample path (a DataLoader calling `dataset[i]` once per image) costs a Python round trip per
 sample; on a GPU that starves the model. The batched path keeps every image of a dataset as one uint8
 tensor on the training device, gathers a batch by index and augments it with a few tensor operations
-(see `augment.py`). Both paths visit samples in the same order (`epoch_order` mirrors DataLoader) and
+(see `batch_augment.py`). Both paths visit samples in the same order (`epoch_order` mirrors DataLoader) and
 augment each sample from the same counter-based draws, so they produce the same batches: choosing one
 never changes what a run computes (bit for bit for pad-and-crop recipes).
 
@@ -14,7 +14,7 @@ share of the free memory of the training device ('25%', the default) or an absol
 
 Interface for datasets: a train/test Dataset is batchable when it has `images` (a uint8 tensor
 (N, C, H, W), one fixed size), `labels` (int64 (N,)), `seed` (int), `epoch` and `recipe()` (the
-`augment.Recipe` its `__getitem__` applies, with the draws of `augment.draw`). `images.UInt8Images`
+`batch_augment.Recipe` its `__getitem__` applies, with the draws of `batch_augment.draw`). `images.UInt8Images`
 is that class; any dataset that yields fixed-size uint8 images can be one (decode files once with
 `cache.cached_images`).
 """
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from xdsl.data.augment import Recipe, augment_batch, draw
+from xdsl.data.batch_augment import Recipe, augment_batch, draw
 
 __all__ = ["DEFAULT_BUDGET", "PIPELINES", "BatchedLoader", "Choice", "batchable", "choose", "epoch_order",
            "free_memory", "parse_budget"]

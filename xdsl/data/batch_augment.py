@@ -29,7 +29,7 @@ import torch.nn.functional as nnf
 from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["CROPS", "Draws", "Recipe", "augment_batch", "augment_one", "draw", "draw_one", "uniforms"]
+__all__ = ["CROPS", "Draws", "Recipe", "augment_batch", "augment_one", "draw", "draw_one", "mix64", "uniforms"]
 
 CROPS = ("none", "pad", "resized")
 PAD_MODES = ("constant", "reflect", "edge")
@@ -107,10 +107,17 @@ def _mix_int(state: int, value: int) -> int:
     return state ^ (state >> 29)
 
 
+def mix64(*values: int) -> int:
+    """splitmix64 rounds over `values`: distinct tuples give unrelated 64-bit numbers."""
+    state = _GOLDEN
+    for v in values:
+        state = _mix_int(state, int(v))
+    return state
+
+
 def _uniforms_one(seed: int, epoch_seed: int, index: int, streams: int) -> list[float]:
     """Row `index` of `uniforms` (bit-identical), for the per-sample path."""
-    state = _mix_int(_mix_int(_mix_int(_GOLDEN, seed), epoch_seed), index)
-    return [(_mix_int(state, k) >> 11) * 2.0**-53 for k in range(streams)]
+    return [(mix64(seed, epoch_seed, index, k) >> 11) * 2.0**-53 for k in range(streams)]
 
 
 @dataclass(frozen=True)
