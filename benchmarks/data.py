@@ -10,7 +10,9 @@ batch 128 and 512 and 1 and 2 threads. Part 2 trains a tiny CNN (so that data do
 epoch on a fabricated CIFAR-10 directory through `xdsl run`, once per path, and reads the epoch's
 training time from the run's metrics. Both parts interleave the paths: every round times each
 variant once, the first variant rotating between rounds, so load on a shared machine hits both
-alike; each ratio is taken within a round and the median over rounds is reported. The two paths
+alike; each ratio is taken within a round and the median over rounds is reported. Part 1 also
+reports images per CPU-second of the process (`time.process_time`), which an oversubscribed machine
+disturbs far less than wall time (not for loader workers, whose CPU time is another process's). The two paths
 produce identical batches (tests/test_pipeline.py), so they do the same work.
 """
 
@@ -21,11 +23,13 @@ import json
 import pickle
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,6 +55,9 @@ class Row:
     batched: float
     ratio: float
     rounds: int
+    per_sample_cpu: float | None  # images per CPU-second of this process (None: loader workers did the work)
+    batched_cpu: float
+    cpu_ratio: float | None
 
 
 @dataclass
@@ -82,10 +89,10 @@ def _drain(batches: Iterable, device: torch.device) -> int:
     return count
 
 
-def _interleaved(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+def _interleaved(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[Any]]:
     """Run every variant once per round, rotating which goes first; the samples per variant."""
     names = list(variants)
-    samples: dict[str, list[float]] = {n: [] for n in names}
+    samples: dict[str, list[Any]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             samples[name].append(variants[name]())
@@ -105,28 +112,31 @@ def images_per_second(size: int, crop: str, batch: int, threads: int, *, images:
     on_device = ds.images.to(device), ds.labels.to(device)
     epoch = [0]
 
-    def per_sample() -> float:
+    def timed(loader: Iterable) -> tuple[float, float]:
+        """(images per wall second, images per CPU second of this process)."""
+        t0, c0 = time.perf_counter(), time.process_time()
+        n = _drain(loader, device)
+        return n / (time.perf_counter() - t0), n / max(time.process_time() - c0, 1e-9)
+
+    def per_sample() -> tuple[float, float]:
         epoch[0] += 1
         ds.set_epoch(epoch[0])
-        loader = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
-                            generator=torch.Generator().manual_seed(epoch[0]), pin_memory=device.type == "cuda")
-        t0 = time.perf_counter()
-        n = _drain(loader, device)
-        return n / (time.perf_counter() - t0)
+        return timed(DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
+                                generator=torch.Generator().manual_seed(epoch[0]), pin_memory=device.type == "cuda"))
 
-    def batched() -> float:
+    def batched() -> tuple[float, float]:
         epoch[0] += 1
-        loader = BatchedLoader(ds, *on_device, recipe, order=epoch_order(len(ds), epoch[0]), batch_size=batch,
-                               epoch_seed=epoch[0])
-        t0 = time.perf_counter()
-        n = _drain(loader, device)
-        return n / (time.perf_counter() - t0)
+        return timed(BatchedLoader(ds, *on_device, recipe, order=epoch_order(len(ds), epoch[0]), batch_size=batch,
+                                   epoch_seed=epoch[0]))
 
     batched()  # warm-up (first-call allocations)
     samples = _interleaved({"per_sample": per_sample, "batched": batched}, rounds)
-    ratios = [b / p for b, p in zip(samples["batched"], samples["per_sample"], strict=True)]
-    return Row(size, crop, batch, threads, workers, statistics.median(samples["per_sample"]),
-               statistics.median(samples["batched"]), statistics.median(ratios), rounds)
+    pairs = list(zip(samples["batched"], samples["per_sample"], strict=True))
+    median = statistics.median
+    cpu = None if workers or device.type == "cuda" else median([b[1] / p[1] for b, p in pairs])
+    return Row(size, crop, batch, threads, workers, median(p[0] for _, p in pairs), median(b[0] for b, _ in pairs),
+               median([b[0] / p[0] for b, p in pairs]), rounds,
+               None if cpu is None else median(p[1] for _, p in pairs), median(b[1] for b, _ in pairs), cpu)
 
 
 _EPOCH_SPEC = """data cifar10(root="cifar", batch_size={batch}, num_workers={workers}, pipeline="{pipeline}")
@@ -176,12 +186,15 @@ def epoch_times(*, images: int, rounds: int, batch: int, device: str, workers: i
 
 def format_report(rows: list[Row], epochs: list[EpochRow], device: str) -> str:
     lines = [f"input pipeline, {device}, torch {torch.__version__}, {platform.processor() or platform.machine()}",
-             "", "| images | crop | batch | threads | per-sample img/s | batched img/s | batched / per-sample |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| images | crop | batch | threads | per-sample img/s | batched img/s | batched / per-sample | "
+             "per CPU-second: per-sample | batched | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         workers = f" ({r.per_sample_workers} workers)" if r.per_sample_workers else ""
+        cpu = (f"{r.per_sample_cpu:,.0f} | {r.batched_cpu:,.0f} | {r.cpu_ratio:.1f}x" if r.cpu_ratio is not None
+               else f"n/a | {r.batched_cpu:,.0f} | n/a")
         lines.append(f"| {r.size}x{r.size} | {r.crop} | {r.batch} | {r.threads} | {r.per_sample:,.0f}{workers} | "
-                     f"{r.batched:,.0f} | **{r.ratio:.1f}x** |")
+                     f"{r.batched:,.0f} | **{r.ratio:.1f}x** | {cpu} |")
     if epochs:
         lines += ["", "| tiny-model epoch | per-sample s | batched s | speed-up |", "|---|---|---|---|"]
         for e in epochs:
@@ -205,17 +218,21 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     ints = lambda text: [int(v) for v in text.split(",") if v]  # noqa: E731
-    rows = [images_per_second(size, "pad", batch, threads, images=args.images, rounds=args.rounds, device=device)
-            for size in ints(args.sizes) for batch in ints(args.batches) for threads in ints(args.threads)]
-    extra = dict(images=args.images, rounds=args.rounds, device=device)
+    configs = [(size, "pad", batch, threads, 0) for size in ints(args.sizes) for batch in ints(args.batches)
+               for threads in ints(args.threads)]
     # how the per-sample path uses two cores by default (two loader processes), and a resized-crop recipe
-    rows.append(images_per_second(32, "pad", 128, 2, workers=2, **extra))
-    rows.append(images_per_second(64, "resized", 128, 1, **extra))
+    configs += [(32, "pad", 128, 2, 2), (64, "resized", 128, 1, 0)]
+    rows: list[Row] = []
+    for size, crop, batch, threads, workers in configs:
+        rows.append(images_per_second(size, crop, batch, threads, workers=workers, images=args.images,
+                                      rounds=args.rounds, device=device))
+        print(f"  measured {asdict(rows[-1])}", file=sys.stderr, flush=True)
     epochs = []
     if args.epoch_images:
         for workers in (0, 2):
             epochs.append(epoch_times(images=args.epoch_images, rounds=args.epoch_rounds, batch=128,
                                       device=args.device, workers=workers))
+            print(f"  measured {asdict(epochs[-1])}", file=sys.stderr, flush=True)
     print(format_report(rows, epochs, args.device))
     result = {"device": args.device, "rows": [asdict(r) for r in rows], "epochs": [asdict(e) for e in epochs]}
     if args.json:

@@ -233,15 +233,34 @@ def augment_one(img: Tensor, box: tuple[int, int, int, int, bool], recipe: Recip
 
 def augment_batch(images: Tensor, draws: Draws, recipe: Recipe) -> Tensor:
     """A uint8 (B, C, H, W) batch, already gathered, augmented in a few tensor ops on its own device."""
-    device = images.device
-    flip = torch.as_tensor(draws.flip, device=device)
     if recipe.crop == "resized":
-        return _resized_batch(images, draws, flip, recipe)
+        return _resized_batch(images, draws, recipe)
     if recipe.crop == "pad":
         images = _pad_crop_batch(images, draws, recipe)
     if recipe.flip:
-        images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-    return _to_float(images, recipe)
+        images = _flip_some(images, draws.flip)
+    return _normalise(images, recipe)
+
+
+def _normalise(images: Tensor, recipe: Recipe) -> Tensor:
+    """uint8 -> float in [0, 1] -> (x - mean) / std: torchvision's to_dtype + normalize, op for op (so
+    bit-identical to the per-sample path), in place and without their per-call overhead."""
+    x = images.to(torch.float32) if images.dtype == torch.uint8 else images
+    if images.dtype == torch.uint8:
+        x.mul_(1.0 / 255)
+    mean = torch.as_tensor(recipe.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    std = torch.as_tensor(recipe.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def _flip_some(images: Tensor, flip: np.ndarray) -> Tensor:
+    """Mirror the samples whose `flip` is set: pick each from [batch, mirrored batch] by index (a
+    broadcast `torch.where` over uint8 is several times slower on CPU)."""
+    if not flip.any():
+        return images
+    rows = np.arange(len(flip)) + len(flip) * flip
+    both = torch.cat([images, images.flip(-1)])
+    return both.index_select(0, torch.as_tensor(rows, device=images.device))
 
 
 def _pad_crop_batch(images: Tensor, draws: Draws, recipe: Recipe) -> Tensor:
@@ -252,10 +271,10 @@ def _pad_crop_batch(images: Tensor, draws: Draws, recipe: Recipe) -> Tensor:
         images = nnf.pad(images, (recipe.pad,) * 4, mode=mode)
     windows = images.unfold(2, out_h, 1).unfold(3, out_w, 1)  # (B, C, rows, cols, out_h, out_w), a view
     device = images.device
-    rows = torch.arange(len(images), device=device)
+    batch, channels = torch.arange(len(images), device=device), torch.arange(images.shape[1], device=device)
     top = torch.as_tensor(draws.top, device=device)
     left = torch.as_tensor(draws.left, device=device)
-    return windows.permute(0, 2, 3, 1, 4, 5)[rows, top, left]
+    return windows[batch[:, None], channels[None, :], top[:, None], left[:, None]]
 
 
 def _resize_weights(start: Tensor, length: Tensor, out: int, size: int) -> Tensor:
@@ -273,7 +292,7 @@ def _resize_weights(start: Tensor, length: Tensor, out: int, size: int) -> Tenso
     return (weights / weights.sum(-1, keepdim=True)).float()
 
 
-def _resized_batch(images: Tensor, draws: Draws, flip: Tensor, recipe: Recipe) -> Tensor:
+def _resized_batch(images: Tensor, draws: Draws, recipe: Recipe) -> Tensor:
     """Crop + antialiased resize as rows @ image @ cols^T per sample (two batched matmuls); a flip
     reverses the rows of the column matrix, so it costs nothing."""
     device = images.device
@@ -281,7 +300,7 @@ def _resized_batch(images: Tensor, draws: Draws, flip: Tensor, recipe: Recipe) -
     as_t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
     wy = _resize_weights(as_t(draws.top), as_t(draws.height), out_h, images.shape[-2])
     wx = _resize_weights(as_t(draws.left), as_t(draws.width), out_w, images.shape[-1])
+    flip = torch.as_tensor(draws.flip, device=device)
     wx = torch.where(flip.view(-1, 1, 1), wx.flip(1), wx)
-    x = F.to_dtype(images, torch.float32, scale=True)
-    x = wy.unsqueeze(1) @ x @ wx.transpose(1, 2).unsqueeze(1)
-    return F.normalize(x, list(recipe.mean), list(recipe.std))
+    x = images.to(torch.float32).mul_(1.0 / 255)
+    return _normalise(wy.unsqueeze(1) @ x @ wx.transpose(1, 2).unsqueeze(1), recipe)

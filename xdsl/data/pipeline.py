@@ -155,4 +155,5 @@ class BatchedLoader:
             host = self.order[start:start + self.batch_size]
             index = host.to(device, non_blocking=True)
             draws = draw(self.recipe, self.dataset.seed, self.epoch_seed, host.numpy(), in_size)
-            yield augment_batch(self.images[index], draws, self.recipe), self.labels[index]
+            images = self.images.index_select(0, index)  # a row copy; `images[index]` is 20x slower on CPU
+            yield augment_batch(images, draws, self.recipe), self.labels.index_select(0, index)
