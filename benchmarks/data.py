@@ -6,8 +6,8 @@
 
 Part 1 times one pass over synthetic uint8 images (CIFAR-like 32x32 with reflect padding, Tiny
 ImageNet-like 64x64 with zero padding; pad 4, random crop, flip, normalise) through each path, for
-batch 128 and 512 and 1 and 2 threads. Part 2 trains a tiny CNN (so that data dominates) for one
-epoch on a fabricated CIFAR-10 directory through `xdsl run`, once per path, and reads the epoch's
+batch 128 and 512 and 1 and 2 threads. Part 2 trains a tiny MLP (3072-16-16-10, so that data
+dominates) for one epoch on a fabricated CIFAR-10 directory through `xdsl run`, once per path, and reads the epoch's
 training time from the run's metrics. Both parts interleave the paths: every round times each
 variant once, the first variant rotating between rounds, so load on a shared machine hits both
 alike; each ratio is taken within a round and the median over rounds is reported. Part 1 also
@@ -140,7 +140,7 @@ def images_per_second(size: int, crop: str, batch: int, threads: int, *, images:
 
 
 _EPOCH_SPEC = """data cifar10(root="cifar", batch_size={batch}, num_workers={workers}, pipeline="{pipeline}")
-network a = builtin.cnn(num_classes=10, in_channels=3, width=4)
+network a = builtin.mlp(num_classes=10, in_features=3072, hidden=16)
 independent(a, epochs=1, optimizer=sgd(lr=0.05, momentum=0.9))
 """
 
@@ -156,7 +156,7 @@ def _fabricate_cifar(root: Path, images: int) -> None:
 
 
 def epoch_times(*, images: int, rounds: int, batch: int, device: str, workers: int = 0) -> EpochRow:
-    """Train the tiny CNN one epoch per path through `xdsl run`; the metrics' epoch seconds."""
+    """Train the tiny MLP one epoch per path through `xdsl run`; the metrics' epoch seconds."""
     from xdsl.train.runner import RunOptions, run
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -235,10 +235,8 @@ def augment_batch(images: Tensor, draws: Draws, recipe: Recipe) -> Tensor:
     """A uint8 (B, C, H, W) batch, already gathered, augmented in a few tensor ops on its own device."""
     if recipe.crop == "resized":
         return _resized_batch(images, draws, recipe)
-    if recipe.crop == "pad":
-        images = _pad_crop_batch(images, draws, recipe)
-    if recipe.flip:
-        images = _flip_some(images, draws.flip)
+    if recipe.crop == "pad" or draws.flip.any():
+        images = _crop_flip_batch(images, draws, recipe)
     return _normalise(images, recipe)
 
 
@@ -253,28 +251,33 @@ def _normalise(images: Tensor, recipe: Recipe) -> Tensor:
     return x.sub_(mean).div_(std)
 
 
-def _flip_some(images: Tensor, flip: np.ndarray) -> Tensor:
-    """Mirror the samples whose `flip` is set: pick each from [batch, mirrored batch] by index (a
-    broadcast `torch.where` over uint8 is several times slower on CPU)."""
-    if not flip.any():
-        return images
-    rows = np.arange(len(flip)) + len(flip) * flip
-    both = torch.cat([images, images.flip(-1)])
-    return both.index_select(0, torch.as_tensor(rows, device=images.device))
+def _crop_flip_batch(images: Tensor, draws: Draws, recipe: Recipe) -> Tensor:
+    """Pad the batch once (and mirror it if any sample flips), then copy every output row of every
+    sample in one `index_select` over a view of all row-long windows of that buffer.
 
-
-def _pad_crop_batch(images: Tensor, draws: Draws, recipe: Recipe) -> Tensor:
-    """Pad the batch once, view every possible crop (unfold), and pick each sample's by index."""
+    A flipped sample is cropped from the mirrored copy at the mirrored offset. Row copies are several
+    times faster on CPU than indexing pixel by pixel (unfold + advanced indexing, or torch.where).
+    """
+    batch, channels = images.shape[:2]
     out_h, out_w = int(draws.height[0]), int(draws.width[0])
-    if recipe.pad:
+    if recipe.crop == "pad" and recipe.pad:
         mode = "replicate" if recipe.pad_mode == "edge" else recipe.pad_mode
         images = nnf.pad(images, (recipe.pad,) * 4, mode=mode)
-    windows = images.unfold(2, out_h, 1).unfold(3, out_w, 1)  # (B, C, rows, cols, out_h, out_w), a view
+    height, width = images.shape[-2:]
     device = images.device
-    batch, channels = torch.arange(len(images), device=device), torch.arange(images.shape[1], device=device)
-    top = torch.as_tensor(draws.top, device=device)
-    left = torch.as_tensor(draws.left, device=device)
-    return windows[batch[:, None], channels[None, :], top[:, None], left[:, None]]
+    flip = torch.as_tensor(draws.flip, device=device)
+    top, left = torch.as_tensor(draws.top, device=device), torch.as_tensor(draws.left, device=device)
+    source = images.contiguous()
+    if draws.flip.any():
+        source = torch.cat([source, source.flip(-1)])
+        left = torch.where(flip, width - out_w - left, left)
+    sample = torch.arange(batch, device=device) + batch * flip.long()
+    plane = (sample[:, None] * channels + torch.arange(channels, device=device)) * (height * width)
+    rows = (top[:, None] + torch.arange(out_h, device=device)) * width + left[:, None]
+    starts = plane[:, :, None] + rows[:, None, :]  # (B, C, out_h): where each output row begins
+    flat = source.view(-1)
+    windows = flat.as_strided((flat.numel() - out_w + 1, out_w), (1, 1))
+    return windows.index_select(0, starts.view(-1)).view(batch, channels, out_h, out_w)
 
 
 def _resize_weights(start: Tensor, length: Tensor, out: int, size: int) -> Tensor:
