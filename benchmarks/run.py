@@ -2,7 +2,7 @@
 
     python -m benchmarks.run                                   # builtin.cnn on 1x8x8, batch 64, CPU eager
     python -m benchmarks.run --model builtin.resnet            # CIFAR ResNet-8 on 3x32x32
-    python -m benchmarks.run --model torchvision.resnet18 --input 3x64x64 --batch 64   # seed 000's shape
+    python -m benchmarks.run --model torchvision.resnet18 --input 3x64x64 --batch 64   # the XML paper's input size
     python -m benchmarks.run --device cuda --compile --amp bf16                        # GPU path
 
 Every variant trains its own copy of two networks cut at "layer2" on one synthetic batch. The variants
@@ -86,9 +86,9 @@ RATIOS: list[tuple[str, str, str, float | None]] = [
     ("XML alternating, xdsl: torch.compile / eager", "xml-xdsl-alternating", "xml-xdsl-alternating-eager", None),
 ]
 
-_OPTIMIZERS = {  # spec text, the seeds' settings
-    "adam": "adam(lr=1e-4)",  # seed 000
-    "sgd": "sgd(lr=0.1, momentum=0.9, nesterov=true, weight_decay=5e-4)",  # seed 002
+_OPTIMIZERS = {  # spec text, the papers' settings
+    "adam": "adam(lr=1e-4)",  # the XML paper
+    "sgd": "sgd(lr=0.1, momentum=0.9, nesterov=true, weight_decay=5e-4)",  # the DML paper
 }
 
 
@@ -98,11 +98,11 @@ class Config:
 
     model: str = "builtin.cnn"            # builtin.cnn | builtin.resnet | torchvision.resnet18/34/50 ...
     input: tuple[int, ...] | None = None  # (C, H, W); None = the model's natural size (see _default_input)
-    batch: int = 64                       # DML paper's batch size (seed 002)
+    batch: int = 64                       # the DML paper's batch size
     classes: int = 10                     # synthetic labels; torchvision models get the same head size
     width: int = 16                       # builtin nets' base width
     depth: int = 8                        # builtin.resnet depth (6n+2)
-    optimizer: str = "adam"               # adam = seed 000's Adam 1e-4; sgd = seed 002's SGD Nesterov
+    optimizer: str = "adam"               # adam = the XML paper's Adam 1e-4; sgd = the DML paper's SGD Nesterov
     device: str = "cpu"                   # cpu | cuda | cuda:N
     compile: bool = False                 # torch.compile both sides (xdsl: the generated objectives)
     compile_mode: str = "default"         # torch.compile mode: default | max-autotune-no-cudagraphs | ...
@@ -132,7 +132,7 @@ def _default_input(model: str) -> tuple[int, ...]:
         return (1, 8, 8)        # digits-sized
     if model.startswith("builtin."):
         return (3, 32, 32)      # CIFAR-sized
-    return (3, 64, 64)          # Tiny ImageNet-sized (seed 000)
+    return (3, 64, 64)          # Tiny ImageNet-sized (the XML paper)
 
 
 # ---------------------------------------------------------------- the experiments as spec text
@@ -159,7 +159,7 @@ def _model_call(cfg: Config) -> str:
 
 
 def spec_text(cfg: Config, experiment: str, order: str) -> str:
-    """The .xspec of one benchmarked experiment: XML (seed 000) or DML (seed 002) of two networks."""
+    """The .xspec of one benchmarked experiment: XML (the XML paper) or DML (the DML paper) of two networks."""
     shape = ", ".join(map(str, cfg.input_shape()))
     head = (f"data synthetic(num_classes={cfg.classes}, shape=[{shape}], batch_size={cfg.batch})\n"
             f"network net1, net2 = {_model_call(cfg)}\n")

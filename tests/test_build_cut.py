@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from xdsl.compile.adapters import ADAPTERS, adapter_params, joinable, make_adapter
+from xdsl.adapters import ADAPTERS, adapter_params, joinable, make_adapter
 from xdsl.compile.build import build_model, check_model_ref, model_names
 from xdsl.compile.cut import compose, cut_model, cut_points_available
-from xdsl.compile.shapes import infer_shape, infer_shapes, param_count
 from xdsl.errors import XdslError
 from xdsl.registry import Registry, did_you_mean
+from xdsl.shapes import infer_shape, infer_shapes, param_count
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # torchvision's googlenet init notice
 

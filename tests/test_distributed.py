@@ -64,10 +64,10 @@ def test_two_processes_match_one_process_losses_and_weights(tmp_path):
 
 
 def test_nproc_option_relaunches_under_torchrun():
-    from xdsl.train.distributed import launch_torchrun
+    from xdsl.distributed import launch_torchrun
 
     calls = []
-    import xdsl.train.distributed as d
+    import xdsl.distributed as d
 
     original = d.subprocess.call
     d.subprocess.call = lambda cmd: calls.append(cmd) or 0

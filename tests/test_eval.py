@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 
 import xdsl
-from xdsl.compile.shapes import param_count as path_params
 from xdsl.data import build_data
 from xdsl.eval import (
     best_path,
@@ -25,6 +24,7 @@ from xdsl.eval import (
 )
 from xdsl.eval.evaluate import checkpoint_snapshots
 from xdsl.lang import ir
+from xdsl.shapes import param_count as path_params
 
 DATA = "data synthetic(num_classes=10, shape=[1, 8, 8], train_size=256, test_size=128, batch_size=32)\n"
 SPEC2 = DATA + """

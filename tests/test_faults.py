@@ -412,7 +412,7 @@ def test_inf_in_the_data_stops_the_run_and_leaves_the_last_good_checkpoint(spec,
         bundle.train = Poisoned(bundle.train)
         return bundle
 
-    monkeypatch.setitem(DATASETS, "synthetic", poisoned)
+    monkeypatch.setitem(DATASETS._items, "synthetic", poisoned)  # a registry refuses a second registration
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLoss) as err:
         run(spec, _opts(out))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import xdsl
 from xdsl import losses
-from xdsl.compile.adapters import make_adapter
+from xdsl.adapters import make_adapter
 from xdsl.errors import SpecError
 from xdsl.experiment import compile_program
 from xdsl.lang.check import check

@@ -1,4 +1,4 @@
-"""The `xdsl` command line: check | expand | compile | graph | run | sweep | compare | eval | bench.
+"""The `xdsl` command line: check | expand | compile | graph | run | sweep | compare | eval.
 
 Errors in specs, data or checkpoints print as one located message and exit with code 2;
 a Python traceback appears only with `--debug`.
@@ -167,7 +167,7 @@ def run_cmd(spec: Path = SpecArg,
     from xdsl.train.runner import RunOptions, run
 
     if nproc > 1:
-        from xdsl.train.distributed import launch_torchrun
+        from xdsl.distributed import launch_torchrun
 
         raise typer.Exit(launch_torchrun(nproc, sys.argv))
     try:
@@ -278,21 +278,6 @@ def eval_cmd(spec: Path = SpecArg,
         evaluate_checkpoint(spec, checkpoint, device=device, allow_imports=allow_imports)
     except XdslError as e:
         _fail(e)
-
-
-@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
-                                        "help_option_names": []})
-def bench_cmd(ctx: typer.Context) -> None:
-    """Time xdsl's training steps against hand-written PyTorch (options: `xdsl bench --help`; see BENCHMARKS.md).
-
-    The harness lives in the repository's `benchmarks/` package, so run this from a checkout.
-    """
-    try:
-        from benchmarks.run import main as bench_main
-    except ImportError:
-        _fail(XdslError("the benchmark harness is not importable",
-                        hint="run `xdsl bench` (or `python -m benchmarks.run`) from the root of an xdsl checkout"))
-    bench_main(list(ctx.args))
 
 
 def main() -> None:

@@ -22,11 +22,13 @@ from torch._functorch import config as functorch_config
 from xdsl.compile.assemble import Compiled, assemble
 from xdsl.compile.graph import objective_node, term_leaves, term_node
 from xdsl.compile.lower import Lowered, lower, path_module
+from xdsl.compile.optim import make_optimizer, make_scheduler
+from xdsl.distributed import all_reduce_grads, is_distributed, wrap_objective
 from xdsl.errors import SpecError, XdslError
 from xdsl.lang import ir
-from xdsl.lang.check import check
+from xdsl.lang.check import check, path_of
 from xdsl.lang.parser import parse_expr, parse_file
-from xdsl.train.optim import make_optimizer, make_scheduler
+from xdsl.overrides import apply_overrides
 
 __all__ = ["Experiment", "load", "compile_program", "COMPILE_MODES"]
 
@@ -39,8 +41,6 @@ def compile_program(path: str | Path, *, device: str | torch.device = "cpu", all
     path = Path(path)
     program = check(parse_file(path))
     if overrides:
-        from xdsl.overrides import apply_overrides
-
         program = apply_overrides(program, overrides)
     return assemble(program, device=device, spec_dir=path.resolve().parent, allow_imports=allow_imports,
                     input_shape=input_shape)
@@ -146,8 +146,6 @@ class Experiment:
 
     def _distribute(self, lowered: Lowered, net: str) -> Lowered:
         """Under torchrun: DDP over the objective, synchronising only `net`'s own parameters."""
-        from xdsl.train.distributed import is_distributed, wrap_objective
-
         if not is_distributed():
             return lowered
         ddp = wrap_objective(lowered.module, self.params[net], self.device)
@@ -175,11 +173,9 @@ class Experiment:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp)
 
-    # ---- the API of DESIGN.md ----
+    # ---- the Python API of the README ----
     def path(self, text: str) -> ir.Path:
         """Parse and check a path such as `net1.up >> a12 >> net2.down` (once per text: forward is a hot path)."""
-        from xdsl.lang.check import path_of
-
         if text not in self._parsed:
             self._parsed[text] = path_of(self.program, parse_expr(text))
         return self._parsed[text]
@@ -235,8 +231,6 @@ class Experiment:
         out: dict[str, torch.Tensor] = {}
         if stage.order == "simultaneous":
             grads = self._accumulated_joint_grads(batches, weights, out)
-            from xdsl.train.distributed import all_reduce_grads, is_distributed
-
             for net in self._joint.networks:
                 for p, g in zip(self.params[net], grads[net]):
                     p.grad = g

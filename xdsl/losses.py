@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from xdsl.errors import XdslError
+from xdsl.registry import Registry
 
 __all__ = [
     "REQUIRED",
@@ -117,7 +118,7 @@ class LossSpec:
         return None
 
 
-LOSSES: dict[str, LossSpec] = {}
+LOSSES: Registry[LossSpec] = Registry("loss")
 
 CONSTANT_ONLY: frozenset[tuple[str, str]] = frozenset({("ce", "label_smoothing")})
 """(primitive, number parameter) pairs that cannot be a schedule (`epoch`...): the others may be handed a 0-dim
@@ -144,7 +145,7 @@ def _primitive(
             default = REQUIRED if p.default is inspect.Parameter.empty else p.default
             params.append(LossParam(name, kinds[name], default))
         cons = tuple((k, ok, msg) for k, (ok, msg) in (constraints or {}).items())
-        LOSSES[fn.__name__] = LossSpec(fn.__name__, fn, tuple(params), inspect.getdoc(fn) or "", cons)
+        LOSSES.register(fn.__name__, LossSpec(fn.__name__, fn, tuple(params), inspect.getdoc(fn) or "", cons))
         return fn
 
     return register
@@ -152,14 +153,13 @@ def _primitive(
 
 def loss_signature(name: str) -> LossSpec:
     """The registry entry for ``name``; an unknown name is a user error with a did-you-mean hint."""
-    spec = LOSSES.get(name)
-    if spec is None:
+    if name not in LOSSES:
         close = difflib.get_close_matches(name, LOSSES, n=3)
         hint = (
             f"did you mean {' or '.join(close)}?" if close else f"known losses: {', '.join(sorted(LOSSES))}"
         )
         raise XdslError(f"unknown loss {name!r}", hint=hint)
-    return spec
+    return LOSSES[name]
 
 
 def _target(x: Tensor, grad: bool) -> Tensor:
@@ -170,7 +170,7 @@ def _target(x: Tensor, grad: bool) -> Tensor:
 def softmax_entropy(logits: Tensor) -> Tensor:
     """Per-sample entropy ``-sum_k softmax(z)_k log softmax(z)_k`` in nats, shape ``(B,)``.
 
-    Helper for the evaluator (mean prediction entropy, seed 001), not a spec primitive.
+    Helper for the evaluator (mean prediction entropy, the DML paper's analysis), not a spec primitive.
     """
     logp = F.log_softmax(logits, dim=1)
     return -(logp.exp() * logp).sum(dim=1)
@@ -213,7 +213,7 @@ def kl(target: Tensor, p: Tensor, T: float = 1.0, grad: bool = False) -> Tensor:
     constraints={"T": _POSITIVE, "alpha": _UNIT},
 )
 def kd(teacher: Tensor, student: Tensor, y: Tensor, T: float = 4.0, alpha: float = 0.9) -> Tensor:
-    """Hinton KD (seed 001): ``alpha * kl(teacher, student, T) + (1 - alpha) * ce(student, y)``.
+    """Hinton KD (the KD paper): ``alpha * kl(teacher, student, T) + (1 - alpha) * ce(student, y)``.
 
     ``kl`` includes the T^2 factor; the teacher is detached.
     Use: ``kd(teacher.fc, student.fc, y, T=4, alpha=0.9)``.
@@ -225,7 +225,7 @@ def kd(teacher: Tensor, student: Tensor, y: Tensor, T: float = 4.0, alpha: float
 def ce_soft(target: Tensor, p: Tensor, T: float = 1.0) -> Tensor:
     """Soft-target cross-entropy ``-T^2 * sum_k softmax(target/T)_k log softmax(p/T)_k``, batch mean.
 
-    Born-Again's teacher loss (seed 004). Equals ``kl(target, p, T)`` plus the (constant)
+    Born-Again's teacher loss (the Born-Again paper). Equals ``kl(target, p, T)`` plus the (constant)
     target entropy times T^2, so it has the same gradient as ``kl``; the target is detached.
     Use: ``ce_soft(gen1.fc, gen2.fc)``.
     """
@@ -235,7 +235,7 @@ def ce_soft(target: Tensor, p: Tensor, T: float = 1.0) -> Tensor:
 
 @_primitive(p="logits")
 def entropy(p: Tensor) -> Tensor:
-    """Mean prediction entropy ``-sum_k softmax(p)_k log softmax(p)_k`` in nats (seed 001).
+    """Mean prediction entropy ``-sum_k softmax(p)_k log softmax(p)_k`` in nats (the DML paper's analysis).
 
     Also a regulariser: a positive weight penalises confident predictions, a negative weight
     (entropy minimisation) rewards them. Use: ``entropy(s)`` or ``- 0.1 * entropy(s)``.
@@ -245,7 +245,7 @@ def entropy(p: Tensor) -> Tensor:
 
 @_primitive(teacher="logits", p="logits", y="labels")
 def cwtm(teacher: Tensor, p: Tensor, y: Tensor) -> Tensor:
-    """Born-Again Confidence-Weighted by Teacher Max (seed 004).
+    """Born-Again Confidence-Weighted by Teacher Max (the Born-Again paper).
 
     ``w_s = max_k softmax(teacher)_s,k / sum_s' max_k softmax(teacher)_s',k`` (detached) and
     loss ``= sum_s w_s * CE(p_s, y_s)``: the label loss, each sample weighted by the teacher's
@@ -273,7 +273,7 @@ def _permute_non_argmax(q: Tensor) -> Tensor:
 
 @_primitive(teacher="logits", p="logits")
 def dkpp(teacher: Tensor, p: Tensor) -> Tensor:
-    """Born-Again Dark Knowledge with Permuted Predictions (seed 004).
+    """Born-Again Dark Knowledge with Permuted Predictions (the Born-Again paper).
 
     ``q = softmax(teacher)`` (detached) with, per sample, every entry except the argmax
     randomly permuted among the non-argmax positions (argmax position and value unchanged);
@@ -337,7 +337,7 @@ def dkd(
 def l2(a: Tensor, b: Tensor, grad: bool = True) -> Tensor:
     """Squared L2 distance per sample, batch mean: ``mean_s ||flatten(a_s) - flatten(b_s)||^2``.
 
-    BYOT feature hint (seed 003) and XML adapter warm-up (seed 000). ``b`` is detached only
+    BYOT feature hint (the BYOT paper) and XML adapter warm-up (the XML paper). ``b`` is detached only
     with ``grad=false``. Use: ``l2(s.layer1.hint, s.layer4, grad=false)``.
     """
     return (a - _target(b, grad)).pow(2).flatten(1).sum(dim=1).mean()

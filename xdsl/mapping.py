@@ -1,4 +1,4 @@
-"""Channel mapping between two networks' parts at a cut (the XML_m follow-up of seed 000).
+"""Channel mapping between two networks' parts at a cut (the XML_m follow-up of the XML paper).
 
 Two independently trained networks need not order their channels alike, so swapping their halves (XML)
 feeds one half channels it does not expect. Here we score how well channel i of net1 matches channel j of
@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from xdsl.errors import XdslError
+from xdsl.registry import Registry
 
 __all__ = [
     "MEASURES",
@@ -41,8 +42,6 @@ __all__ = [
     "permute_norm",
     "permute_cut_channels",
 ]
-
-MEASURES = ("bmm_std", "cos_std", "l2", "l2_std")
 
 _EPS = 1e-12
 
@@ -76,11 +75,35 @@ def _neg_sq_dist(a: Tensor, b: Tensor) -> Tensor:
     return -sq.clamp_min(0.0) / a.shape[1]
 
 
+def _bmm_std(A: Tensor, B: Tensor) -> Tensor:
+    A, B = _centre(A), _centre(B)
+    return A @ B.T / A.shape[1]
+
+
+def _cos_std(A: Tensor, B: Tensor) -> Tensor:
+    A, B = _standardise(A), _standardise(B)
+    A = A / A.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    B = B / B.norm(dim=1, keepdim=True).clamp_min(_EPS)
+    return A @ B.T
+
+
+def _l2_std(A: Tensor, B: Tensor) -> Tensor:
+    return _neg_sq_dist(_standardise(A), _standardise(B))
+
+
+MEASURES: Registry[Callable[[Tensor, Tensor], Tensor]] = Registry("measure")
+"""Channel similarity measures: (channels x samples) matrices A, B -> score matrix S[i, j]."""
+MEASURES.register("bmm_std", _bmm_std)
+MEASURES.register("cos_std", _cos_std)
+MEASURES.register("l2", _neg_sq_dist)
+MEASURES.register("l2_std", _l2_std)
+
+
 def similarity(a: Tensor, b: Tensor, measure: str = "bmm_std") -> Tensor:
     """Score matrix S[i, j]: how well channel i of `a` matches channel j of `b` (higher is better).
 
     `a` and `b` are the two parts' activations at the cut on the same batch, (N, C, *spatial); each channel
-    becomes a vector over (N, *spatial) of length M. Measures (seed 000, "Measure Weight 1-4"):
+    becomes a vector over (N, *spatial) of length M. Measures (the XML paper, "Measure Weight 1-4"):
 
     - ``bmm_std``: centre each channel to zero mean ("對0做std"), S = A B^T / M (a covariance). Only
       centred, not scaled: scaling too would make it the same ranking as ``cos_std``.
@@ -104,17 +127,7 @@ def similarity(a: Tensor, b: Tensor, measure: str = "bmm_std") -> Tensor:
     B = B.to(A.device)
     if A.shape[1] == 0:
         raise XdslError("channel mapping needs at least one sample, got an empty batch")
-    if measure == "bmm_std":
-        A, B = _centre(A), _centre(B)
-        return A @ B.T / A.shape[1]
-    if measure == "cos_std":
-        A, B = _standardise(A), _standardise(B)
-        A = A / A.norm(dim=1, keepdim=True).clamp_min(_EPS)
-        B = B / B.norm(dim=1, keepdim=True).clamp_min(_EPS)
-        return A @ B.T
-    if measure == "l2":
-        return _neg_sq_dist(A, B)
-    return _neg_sq_dist(_standardise(A), _standardise(B))
+    return MEASURES[measure](A, B)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -145,7 +158,7 @@ class GaleShapleyTrace:
 
     `free[k]`: proposers without a partner at the start of round k (they all propose; free[0] = C).
     `accepted[k]`: proposals newly held by an acceptor in round k (a displaced partner becomes free again,
-    so sum(accepted) = C + displacements). The seed's "Gale round: 95/22/9/1/1" (summing to C=128) reads
+    so sum(accepted) = C + displacements). The XML paper's "Gale round: 95/22/9/1/1" (summing to C=128) reads
     like this count.
     """
 
@@ -205,7 +218,7 @@ def gale_shapley(
 ) -> tuple[np.ndarray, list[int]]:
     """Stable channel matching: `perm[i] = j` pairs row i with column j; also the free proposers per round.
 
-    With one shared score matrix (the seed's setting) the stable matching is unique when scores have no
+    With one shared score matrix (the XML paper's setting) the stable matching is unique when scores have no
     ties, and equals the greedy "best remaining pair first" matching.
     """
     trace = gale_shapley_trace(score, acceptor_score)
@@ -241,12 +254,12 @@ def matching_score(score: np.ndarray | Tensor, perm: np.ndarray | Tensor | Seque
 
 
 def identity_perm(c: int) -> np.ndarray:
-    """No mapping: channel i to channel i (the seed's "原始Matching分數")."""
+    """No mapping: channel i to channel i (the XML paper's "原始Matching分數")."""
     return np.arange(c, dtype=np.int64)
 
 
 def random_perm(c: int, seed: int = 0) -> np.ndarray:
-    """A seeded random mapping, the seed's baseline ("Random Mapping")."""
+    """A seeded random mapping, the XML paper's baseline ("Random Mapping")."""
     return np.random.default_rng(seed).permutation(c).astype(np.int64)
 
 
@@ -293,7 +306,7 @@ def channel_mapping(a: Tensor, b: Tensor, measure: str = "bmm_std", seed: int = 
 
 
 def format_report(report: MappingReport) -> str:
-    """One line like the seed's slide: scores of no / random / Gale mapping and the round counts."""
+    """One line like the XML paper's slide: scores of no / random / Gale mapping and the round counts."""
 
     def counts(xs: Sequence[int]) -> str:
         if len(xs) <= 12:

@@ -1,4 +1,5 @@
-"""One name -> object registry type, shared by models, losses, optimisers, datasets and adapters.
+"""One name -> object registry type, shared by every table of named things: models and model sources,
+losses, adapters, datasets, channel-mapping measures, macros and evaluate items.
 
 Every registry reports an unknown name the same way: an `XdslError` with a did-you-mean hint, so
 spec typos read alike whatever kind of thing was misspelled.
@@ -72,6 +73,16 @@ class Registry(Generic[T]):
             more = f", ... ({len(names) - 12} more)" if len(names) > 12 else ""
             hint = f"known {self.kind}s: {', '.join(names[:12])}{more}" if names else None
         raise XdslError(f"unknown {self.kind} '{name}'", hint=hint)
+
+    def __getitem__(self, name: str) -> T:
+        """Like a dict: KeyError for an unknown name (use `get` for the user-facing error)."""
+        return self._items[name]
+
+    def items(self) -> list[tuple[str, T]]:
+        return list(self._items.items())
+
+    def values(self) -> list[T]:
+        return list(self._items.values())
 
     def names(self) -> list[str]:
         """Registered names, in registration order."""

@@ -13,15 +13,15 @@ import networkx as nx
 import torch
 from torch import nn
 
-from xdsl.compile.adapters import make_adapter
+from xdsl.adapters import make_adapter
 from xdsl.compile.build import build_model, load_weights
 from xdsl.compile.cut import cut_model
 from xdsl.compile.graph import build_graph, path_node
-from xdsl.compile.shapes import infer_shapes
 from xdsl.data.params import resolve_spec_path
 from xdsl.errors import SpecError, SpecErrors, XdslError
 from xdsl.lang import ir
 from xdsl.lang.check import WHOLE
+from xdsl.shapes import infer_shapes
 
 __all__ = ["Compiled", "assemble", "input_shape_of"]
 

@@ -15,6 +15,7 @@ import inspect
 import re
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,12 @@ from torch import nn
 from xdsl.data.params import resolve_spec_path
 from xdsl.errors import XdslError
 from xdsl.models import MODELS
-from xdsl.registry import did_you_mean
+from xdsl.registry import Registry, did_you_mean
 
-__all__ = ["build_model", "check_model_ref", "model_names", "load_weights"]
+__all__ = ["build_model", "check_model_ref", "model_names", "load_weights", "SOURCES", "ModelSource"]
 
 _USER_REF = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _WEIGHT_ENUM = re.compile(r"^([A-Za-z0-9_]+\.)?(DEFAULT|[A-Z][A-Z0-9_]*_V\d+|[A-Z][A-Z0-9]*(_[A-Z0-9]+)+)$")
-_REF_FORMS = "torchvision.<name>, timm.<name>, builtin.<name> or 'package.module:callable'"
 _TIMM_INSTALL = "pip install 'xdsl-distill[timm]'"
 
 # top-level module name -> spec directory it was imported from (so a second spec's file can replace it)
@@ -59,28 +59,102 @@ def _timm_names() -> frozenset[str]:
     return frozenset(timm.list_models()) if timm is not None else frozenset()
 
 
-def model_names(*, include_timm: bool = True) -> list[str]:
-    """Every model reference that resolves by name (user `module:callable` references aside)."""
-    names = MODELS.names() + [f"torchvision.{n}" for n in _torchvision_names()]
-    if include_timm:
-        names += [f"timm.{n}" for n in sorted(_timm_names())]
-    return names
-
-
 def _unknown(ref: str, kind: str, candidates: list[str]) -> XdslError:
     guess = did_you_mean(ref, candidates)
     if guess is None:
         bare = ref.rsplit(".", 1)[-1]
-        for prefix in ("builtin.", "torchvision.", "timm."):
-            if prefix + bare in candidates:
-                guess = prefix + bare
+        for prefix in SOURCES:
+            if f"{prefix}.{bare}" in candidates:
+                guess = f"{prefix}.{bare}"
                 break
-    hint = f"did you mean '{guess}'?" if guess else f"model references are {_REF_FORMS}"
+    forms = ", ".join(f"{prefix}.<name>" for prefix in SOURCES)
+    hint = f"did you mean '{guess}'?" if guess else f"model references are {forms} or 'package.module:callable'"
     return XdslError(f"unknown {kind} '{ref}'", hint=hint)
 
 
 def _timm_missing(ref: str) -> XdslError:
     return XdslError(f"model '{ref}' needs timm, which is not installed", hint=f"run: {_TIMM_INSTALL}")
+
+
+# ---------------------------------------------------------------------------------------------- model sources
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One way a spec names a model: `<prefix>.<name>` (a new source such as `hub.` is one entry).
+
+    `names()` lists the references it resolves by name (for `model_names` and did-you-mean hints),
+    `check(ref)` raises the error building would raise, without building, `constructor(ref)`
+    returns the callable that builds it from the spec's keywords, and `builder(ref)` the function
+    whose signature lists the keywords it accepts (for the hint after a misspelled keyword).
+    """
+
+    names: Callable[[], list[str]]
+    check: Callable[[str], None]
+    constructor: Callable[[str], Callable[..., Any]]
+    builder: Callable[[str], Callable[..., Any]] | None = None
+
+
+SOURCES: Registry[ModelSource] = Registry("model source")
+"""Model sources by prefix (`torchvision` for `torchvision.resnet18`); `xdsl.models.MODELS` holds
+the builtin nets and user code is `package.module:callable`."""
+
+
+def _check_torchvision(ref: str) -> None:
+    if ref[len("torchvision.") :] not in _torchvision_names():
+        raise _unknown(ref, "torchvision model", [f"torchvision.{n}" for n in _torchvision_names()])
+
+
+def _torchvision(ref: str) -> Callable[..., Any]:
+    import torchvision
+
+    return functools.partial(torchvision.models.get_model, ref[len("torchvision.") :])
+
+
+def _check_timm(ref: str) -> None:
+    if _timm() is None:
+        raise _timm_missing(ref)
+    arch = ref[len("timm.") :].split(".")[0]  # `resnet50.a1_in1k` names a pretrained tag of resnet50
+    if arch not in _timm_names():
+        raise _unknown(ref, "timm model", [f"timm.{n}" for n in sorted(_timm_names())])
+
+
+def _timm_model(ref: str) -> Callable[..., Any]:
+    return functools.partial(_timm().create_model, ref[len("timm.") :], pretrained=False)
+
+
+def _check_builtin(ref: str) -> None:
+    if ref not in MODELS:
+        raise _unknown(ref, "builtin model", [n for n in MODELS.names() if n.startswith("builtin.")])
+
+
+def _torchvision_builder(ref: str) -> Callable[..., Any]:
+    import torchvision
+
+    return torchvision.models.get_model_builder(ref[len("torchvision.") :])
+
+
+SOURCES.register("builtin", ModelSource(lambda: [n for n in MODELS.names() if n.startswith("builtin.")],
+                                        _check_builtin, MODELS.get))
+SOURCES.register("torchvision", ModelSource(lambda: [f"torchvision.{n}" for n in _torchvision_names()],
+                                            _check_torchvision, _torchvision, _torchvision_builder))
+SOURCES.register("timm", ModelSource(lambda: [f"timm.{n}" for n in sorted(_timm_names())], _check_timm,
+                                     _timm_model, lambda ref: _timm().models.model_entrypoint(ref[len("timm.") :])))
+
+
+def _source(ref: str) -> ModelSource | None:
+    """The source a reference names by its prefix (`torchvision.resnet18` -> torchvision), if any."""
+    prefix = ref.split(".", 1)[0] if "." in ref else None
+    return SOURCES.get(prefix) if prefix is not None and prefix in SOURCES else None
+
+
+def model_names(*, include_timm: bool = True) -> list[str]:
+    """Every model reference that resolves by name (user `module:callable` references aside)."""
+    names = list(MODELS.names())
+    for prefix in SOURCES:
+        if prefix != "builtin" and (include_timm or prefix != "timm"):
+            names += SOURCES.get(prefix).names()
+    return names
 
 
 def check_model_ref(ref: str, *, spec_dir: Path | None = None, allow_imports: bool | None = None) -> None:
@@ -96,20 +170,10 @@ def check_model_ref(ref: str, *, spec_dir: Path | None = None, allow_imports: bo
         return
     if ref in MODELS:
         return
-    if ref.startswith("torchvision."):
-        if ref[len("torchvision.") :] not in _torchvision_names():
-            raise _unknown(ref, "torchvision model", [f"torchvision.{n}" for n in _torchvision_names()])
-        return
-    if ref.startswith("timm."):
-        if _timm() is None:
-            raise _timm_missing(ref)
-        arch = ref[len("timm.") :].split(".")[0]  # `resnet50.a1_in1k` names a pretrained tag of resnet50
-        if arch not in _timm_names():
-            raise _unknown(ref, "timm model", [f"timm.{n}" for n in sorted(_timm_names())])
-        return
-    if ref.startswith("builtin."):
-        raise _unknown(ref, "builtin model", [n for n in MODELS.names() if n.startswith("builtin.")])
-    raise _unknown(ref, "model", model_names(include_timm=_timm() is not None))
+    source = _source(ref)
+    if source is None:
+        raise _unknown(ref, "model", model_names(include_timm=_timm() is not None))
+    source.check(ref)
 
 
 def _check_user_ref(ref: str) -> None:
@@ -216,28 +280,20 @@ def _constructor(ref: str, kwargs: dict[str, Any], spec_dir: Path | None, allow_
             f"{ref}: 'pretrained' weights cannot be downloaded here",
             hint='pass weights="path/to/state_dict.pt", a file saved with torch.save(model.state_dict())',
         )
-    if ref.startswith("torchvision."):
-        import torchvision
-
-        return functools.partial(torchvision.models.get_model, ref[len("torchvision.") :])
-    timm = _timm()
-    assert timm is not None  # check_model_ref refused timm refs without timm
-    return functools.partial(timm.create_model, ref[len("timm.") :], pretrained=False)
+    source = _source(ref)
+    assert source is not None  # check_model_ref refused references of no source
+    return source.constructor(ref)
 
 
-def _accepted_keywords(ctor: Callable[..., Any], message: str) -> list[str]:
+def _accepted_keywords(ref: str, ctor: Callable[..., Any], message: str) -> list[str]:
     """Keyword names a constructor accepts, looking through `**kwargs` to the class named in `message`."""
     builder: Any = ctor
+    source = _source(ref) if ":" not in ref else None
     if isinstance(ctor, functools.partial):
         builder = ctor.func
-        module = getattr(ctor.func, "__module__", "") or ""
         try:
-            if module.startswith("torchvision") and ctor.args:
-                import torchvision
-
-                builder = torchvision.models.get_model_builder(ctor.args[0])
-            elif module.startswith("timm") and ctor.args:
-                builder = _timm().models.model_entrypoint(ctor.args[0])
+            if source is not None and source.builder is not None:
+                builder = source.builder(ref)
         except Exception:
             return []
     target = builder
@@ -275,7 +331,7 @@ def _construct(ref: str, ctor: Callable[..., Any], kwargs: dict[str, Any], devic
         m = re.search(r"unexpected keyword argument '(\w+)'", message)
         if m:
             bad = m.group(1)
-            accepted = _accepted_keywords(ctor, message)
+            accepted = _accepted_keywords(ref, ctor, message)
             guess = did_you_mean(bad, accepted)
             if guess:
                 hint = f"did you mean '{guess}'?"

@@ -15,6 +15,7 @@ from xdsl.data.images import cifar10, cifar100, tiny_imagenet
 from xdsl.data.params import BuildContext, DataParamError, check_kwargs, require
 from xdsl.data.pipeline import DEFAULT_BUDGET, PIPELINES, batchable, parse_budget
 from xdsl.data.split import with_validation
+from xdsl.registry import Registry
 
 __all__ = ["DATASETS", "VAL_FRACTION", "build_data", "dataset_params", "digits", "synthetic"]
 
@@ -103,24 +104,20 @@ def synthetic(
     )
 
 
-DATASETS: dict[str, Callable[..., DataBundle]] = {
-    "digits": digits,
-    "synthetic": synthetic,
-    "cifar10": cifar10,
-    "cifar100": cifar100,
-    "tiny_imagenet": tiny_imagenet,
-}
+DATASETS: Registry[Callable[..., DataBundle]] = Registry("dataset")
+"""Dataset factories `f(ctx, *, keyword=default, ...) -> DataBundle`; their keywords are what a spec may pass."""
+for _factory_fn in (digits, synthetic, cifar10, cifar100, tiny_imagenet):
+    DATASETS.register(_factory_fn.__name__, _factory_fn)
 
 
 def _factory(name: str) -> Callable[..., DataBundle]:
-    factory = DATASETS.get(name)
-    if factory is None:
+    if name not in DATASETS:
         raise DataParamError(
             f"unknown dataset '{name}' (known: {', '.join(DATASETS)})",
             dataset=name,
             hint="the embedded 'digits' dataset needs no download",
         )
-    return factory
+    return DATASETS[name]
 
 
 # parameters every dataset accepts: which input pipeline runs (pipeline.py), set on the DataBundle

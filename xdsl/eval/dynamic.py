@@ -1,4 +1,4 @@
-"""Dynamic computation over Xross paths (seed 000): pick the best mixed network for a budget.
+"""Dynamic computation over Xross paths (the XML paper): pick the best mixed network for a budget.
 
 Rows are Xross/latency result rows: dicts with "accuracy", "params" and optionally "latency_ms";
 rows whose accuracy is None (paths that could not be joined) are ignored.

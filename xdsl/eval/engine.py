@@ -23,9 +23,9 @@ from torch import Tensor, fx, nn
 
 from xdsl.compile.graph import module_target
 from xdsl.compile.lower import paths_module
-from xdsl.compile.shapes import param_count, unique_params
 from xdsl.eval.paths import Unavailable
 from xdsl.lang import ir
+from xdsl.shapes import param_count, unique_params
 
 if TYPE_CHECKING:
     from xdsl.experiment import Experiment

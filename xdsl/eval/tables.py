@@ -35,7 +35,7 @@ def result_tables(results: Mapping[str, Any]) -> list[tuple[str, list[str], list
 
 
 def render_results(results: Mapping[str, Any]) -> list[Table]:
-    """One rich Table per result (two for a 2-part Xross: the seed's list and an up x down matrix)."""
+    """One rich Table per result (two for a 2-part Xross: the XML paper's list and an up x down matrix)."""
     out = []
     for tab in _tables(results):
         table = Table(title=tab.title, caption=tab.caption)

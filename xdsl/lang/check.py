@@ -22,7 +22,7 @@ WHOLE = "all"  # the single part of a network that is not cut
 ORDERS = ("alternating", "simultaneous", "round_robin", "random")
 BUILTIN_FUNCS = ("sum", "mean", "len", "peers", "ensemble")
 
-# optimiser -> accepted keywords and defaults (seed 000: Adam 1e-4; seed 002: SGD Nesterov 0.1/0.9)
+# optimiser -> accepted keywords and defaults (the XML paper: Adam 1e-4; the DML paper: SGD Nesterov 0.1/0.9)
 OPTIMIZERS: dict[str, dict[str, Any]] = {
     "sgd": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
     "adam": {"lr": 1e-4, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999},
@@ -45,7 +45,7 @@ SETTINGS: dict[str, tuple[str, Any]] = {
     "max_steps": ("int>=1", None),      # cap on optimisation steps per epoch (quick runs)
     "eval_every": ("int>=1", 1),        # evaluate every N epochs
     "accumulate": ("int>=1", 1),        # micro-batches per optimisation step (gradient accumulation)
-    "map_channels": ("measure", None),  # align channels at the cut first (seed 000 XML_m): bmm_std, ...
+    "map_channels": ("measure", None),  # align channels at the cut first (the XML paper's XML_m): bmm_std, ...
 }
 # ---- values the checker computes with ----
 
@@ -255,7 +255,7 @@ class _Checker:
                 self.parts[net] = tuple(s.parts)
 
     def stmt_adapter(self, s: ast.Adapter) -> None:
-        from xdsl.compile.adapters import ADAPTERS, adapter_params
+        from xdsl.adapters import ADAPTERS, adapter_params
 
         if s.kind not in ADAPTERS:
             self.error(f"unknown adapter kind '{s.kind}'", s.pos, _hint(s.kind, ADAPTERS.names(), None))

@@ -78,7 +78,7 @@ def independent(call: ast.MacroCall, kw: dict[str, str]) -> str:
 
 @macro("teacher")
 def dml(call: ast.MacroCall, kw: dict[str, str]) -> str:
-    """Deep Mutual Learning (seed 002; seed 000 code): 0.5 CE + 0.5 mean KL to each peer.
+    """Deep Mutual Learning (the DML paper; the XML paper's code): 0.5 CE + 0.5 mean KL to each peer.
 
     teacher="ensemble" gives DML_e: the peers' averaged prediction is the single teacher. Note that
     mean_t KL(p_t || p_s) - KL(mean_t p_t || p_s) = H(mean_t p_t) - mean_t H(p_t), which does not depend on s:
@@ -104,11 +104,11 @@ train {name} {{
 
 @macro(needs_spec=True)
 def xml(call: ast.MacroCall, kw: dict[str, str], spec: ast.Spec) -> str:
-    """Xross Mutual Learning (seed 000): (DML terms + up-mimic + down-mimic) / (2 K), K = len(peers).
+    """Xross Mutual Learning (the XML paper): (DML terms + up-mimic + down-mimic) / (2 K), K = len(peers).
 
-    The networks must be cut alike (same part names). With parts `up, down` this is the seed's
+    The networks must be cut alike (same part names). With parts `up, down` this is the XML paper's
     formula; with P parts every path mixing s's and a peer's parts (2^P - 2 of them) gets a CE
-    and a KL-to-the-peer term, normalised by (2^P - 2) K (seed 000 "Multiple Xross").
+    and a KL-to-the-peer term, normalised by (2^P - 2) K (the XML paper's "Multiple Xross").
     """
     nets = _networks(call, 2)
     name = kw.get("name", "xml")
@@ -148,12 +148,12 @@ train {name} {{
 
 @macro("T", "alpha", "after")
 def kd(call: ast.MacroCall, kw: dict[str, str]) -> str:
-    """Hinton KD (seed 001): kd(teacher, student): alpha T^2 KL(teacher || student) + (1 - alpha) CE.
+    """Hinton KD (the KD paper): kd(teacher, student): alpha T^2 KL(teacher || student) + (1 - alpha) CE.
 
     The teacher is frozen (no objective minimises it): loaded with `weights "..."`, or trained by an
     earlier block named by `after=` (whose final weights of every module this block starts from).
     """
-    numbers = call.args[2:]  # kd(teacher, student, T, alpha) as DESIGN.md writes it
+    numbers = call.args[2:]  # kd(teacher, student, T, alpha) as the README writes it
     if len(numbers) > 2 or any(not isinstance(a, ast.Number | ast.Neg) for a in numbers):
         raise SpecError("kd() takes teacher, student, then optionally T and alpha", call.pos)
     for key, value in zip(("T", "alpha"), numbers):
@@ -182,7 +182,7 @@ def _cut_parts(spec: ast.Spec, net: str, before: ast.MacroCall) -> tuple[str, ..
 
 @macro("T", "alpha", "beta", "reduction", "after", needs_spec=True)
 def byot(call: ast.MacroCall, kw: dict[str, str], spec: ast.Spec) -> str:
-    """Be Your Own Teacher (seed 003): self-distillation of one network cut into stages.
+    """Be Your Own Teacher (the BYOT paper): self-distillation of one network cut into stages.
 
     The network must be cut into parts p1 .. pn (n >= 3): a head is attached after each of p1 .. p(n-2),
     p(n-1) ends with the deepest features and pn is the classifier (e.g. builtin nets cut at "layer1",
@@ -244,7 +244,7 @@ _BAN_VARIANTS = {
 
 @macro("variant", "T", "after", "generations", needs_spec=True)
 def born_again(call: ast.MacroCall, kw: dict[str, str], spec: ast.Spec) -> str:
-    """Born-Again Networks (seed 004): born_again(g0, g1, ..., gN): g(k) is taught by g(k-1), one block each.
+    """Born-Again Networks: born_again(g0, g1, ..., gN): g(k) is taught by g(k-1), one block each.
 
     Blocks `<name>0` (g0 with ce, unless `after=B` says an earlier block B trained g0) and `<name>k after
     <name>(k-1)` (g(k) minimises `<name>_loss(g(k), g(k-1))`, the teacher g(k-1) frozen at its final

@@ -1,4 +1,4 @@
-"""Spec text -> AST. The grammar lives in grammar/xspec.lark; nothing downstream sees Lark trees."""
+"""Spec text -> AST. The grammar is xspec.lark beside this file; nothing downstream sees Lark trees."""
 
 from __future__ import annotations
 
@@ -18,18 +18,14 @@ MAX_SPEC_BYTES = 1_000_000  # a spec is a page of text; anything larger is a mis
 
 
 def grammar_path() -> Path:
-    """The grammar file: beside the package in a wheel, in the repo's grammar/ otherwise."""
-    here = Path(__file__).resolve().parent.parent
-    for candidate in (here / "_grammar" / "xspec.lark", here.parent / "grammar" / "xspec.lark"):
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError("grammar/xspec.lark not found: reinstall xdsl")
+    """The grammar file, beside this module (the repository's grammar/xspec.lark links to it)."""
+    return Path(__file__).resolve().parent / "xspec.lark"
 
 
 @functools.cache
 def _lark() -> Lark:
-    return Lark(grammar_path().read_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True,
-                lexer="basic", start=["start", "expr"])
+    return Lark.open("xspec.lark", rel_to=__file__, parser="lalr", propagate_positions=True,
+                     maybe_placeholders=True, lexer="basic", start=["start", "expr"])
 
 
 # Human names for the terminals Lark reports in "expected ..." lists.

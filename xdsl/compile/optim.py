@@ -1,4 +1,4 @@
-"""Optimisers and learning-rate schedules named in `train` blocks (seed 000: Adam 1e-4; seed 002: SGD)."""
+"""Optimisers and learning-rate schedules named in `train` blocks (the XML paper: Adam 1e-4; the DML paper: SGD)."""
 
 from __future__ import annotations
 

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from xdsl.compile.shapes import infer_shape
 from xdsl.errors import XdslError
 from xdsl.registry import Registry, did_you_mean
+from xdsl.shapes import infer_shape
 
 __all__ = ["ADAPTERS", "make_adapter", "adapter_params", "joinable"]
 
@@ -109,7 +109,7 @@ def _conv_adapter(kind: str, kernel: int, doc: str) -> Callable[..., nn.Module]:
     return ADAPTERS.register(kind, factory)
 
 
-conv1x1 = _conv_adapter("conv1x1", 1, "1x1 convolution (+ BatchNorm, + ReLU): the XML seed's channel link-up "
+conv1x1 = _conv_adapter("conv1x1", 1, "1x1 convolution (+ BatchNorm, + ReLU): the XML paper's channel link-up "
                                       "(128 <-> 512).")
 conv3x3 = _conv_adapter("conv3x3", 3, "3x3 convolution (padding 1) (+ BatchNorm, + ReLU).")
 
