@@ -17,14 +17,14 @@ ROOT = Path(__file__).resolve().parents[1] / "xdsl"
 # module-name prefixes, lowest layer first; the longest matching prefix decides a module's layer
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("nouns", ("xdsl.errors", "xdsl.registry", "xdsl.losses", "xdsl.models", "xdsl.mapping", "xdsl.data",
-               "xdsl.adapters", "xdsl.shapes", "xdsl.rundir", "xdsl.distributed")),
+               "xdsl.adapters", "xdsl.shapes", "xdsl.rundir", "xdsl.distributed", "xdsl.console")),
     # evaluate items are language vocabulary like loss primitives: the checker reads their signatures
     ("lang", ("xdsl.lang", "xdsl.overrides", "xdsl.eval.item", "xdsl.eval.items", "xdsl.eval.paths",
               "xdsl.eval.table", "xdsl.eval.dynamic")),
     ("compile", ("xdsl.compile",)),
     ("eval/experiment", ("xdsl.eval", "xdsl.experiment", "xdsl.viz")),
-    ("train", ("xdsl.train",)),
-    ("cli", ("xdsl.cli", "xdsl.__main__", "xdsl")),
+    ("train", ("xdsl.train", "xdsl.report", "xdsl.trackers", "xdsl.sweep")),
+    ("cli", ("xdsl.cli", "xdsl.__main__", "xdsl.compare", "xdsl")),
 ]
 
 
