@@ -338,13 +338,15 @@ def test_read_only_output_directory_fails_before_training_chmod(spec, tmp_path):
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full to simulate a full disk")
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(spec, tmp_path, monkeypatch):
-    """The first checkpoint is written; every later one lands on /dev/full (ENOSPC from the kernel)."""
+    """The first last.pt is written; every later one lands on /dev/full (ENOSPC from the kernel)."""
     from xdsl.train import checkpoint
 
     real_mkstemp = checkpoint.tempfile.mkstemp
     calls, temp_files = [0], []
 
     def mkstemp(*args, **kwargs):
+        if not kwargs.get("prefix", "").startswith(".last.pt"):  # best.pt and snapshots are written as usual
+            return real_mkstemp(*args, **kwargs)
         calls[0] += 1
         fd, name = real_mkstemp(*args, **kwargs)  # the real temp file beside last.pt, which must be cleaned up
         temp_files.append(Path(name))

@@ -17,14 +17,16 @@ ROOT = Path(__file__).resolve().parents[1] / "xdsl"
 # module-name prefixes, lowest layer first; the longest matching prefix decides a module's layer
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("nouns", ("xdsl.errors", "xdsl.registry", "xdsl.losses", "xdsl.models", "xdsl.mapping", "xdsl.data",
-               "xdsl.adapters", "xdsl.shapes", "xdsl.rundir", "xdsl.distributed", "xdsl.console")),
+               "xdsl.adapters", "xdsl.shapes", "xdsl.rundir", "xdsl.distributed", "xdsl.console",
+               "xdsl")),  # the package root (`__version__`, errors) is imported before any module
+
     # evaluate items are language vocabulary like loss primitives: the checker reads their signatures
     ("lang", ("xdsl.lang", "xdsl.overrides", "xdsl.eval.item", "xdsl.eval.items", "xdsl.eval.paths",
               "xdsl.eval.table", "xdsl.eval.dynamic")),
     ("compile", ("xdsl.compile",)),
     ("eval/experiment", ("xdsl.eval", "xdsl.experiment", "xdsl.viz")),
     ("train", ("xdsl.train", "xdsl.report", "xdsl.trackers", "xdsl.sweep")),
-    ("cli", ("xdsl.cli", "xdsl.__main__", "xdsl.compare", "xdsl")),
+    ("cli", ("xdsl.cli", "xdsl.__main__", "xdsl.compare")),
 ]
 
 
@@ -87,14 +89,20 @@ def _graph() -> nx.DiGraph:
     return g
 
 
+# the package root re-exports `xdsl.load` from inside a function: the API facade, not a dependency
+FACADE = {("xdsl", "xdsl.experiment")}
+
+
 def test_imports_never_run_up_a_layer():
     upward = [f"{a} ({LAYERS[_layer(a)][0]}) imports {b} ({LAYERS[_layer(b)][0]})"
-              for a, b in _graph().edges if _layer(b) > _layer(a)]
+              for a, b in _graph().edges if _layer(b) > _layer(a) and (a, b) not in FACADE]
     assert upward == []
 
 
 def test_modules_import_each_other_in_no_cycle():
-    assert list(nx.simple_cycles(_graph())) == []
+    g = _graph()
+    g.remove_edges_from(FACADE)
+    assert list(nx.simple_cycles(g)) == []
 
 
 def test_the_checker_and_the_evaluate_items_do_not_reach_the_compiler():
