@@ -46,7 +46,7 @@ def test_compile_json_lists_parts_paths_and_terms():
 def test_compile_code_shows_the_generated_objectives():
     result = runner.invoke(app, ["compile", "--code", QUICKSTART])
     assert result.exit_code == 0
-    assert "def forward(self, x, y):" in result.output and "xdsl_losses_kl" in result.output
+    assert "def forward(self, x, y" in result.output and "xdsl_losses_kl" in result.output
     assert "call_detached" not in result.output
     separable = runner.invoke(app, ["compile", "--code", "--separable", QUICKSTART])
     assert separable.exit_code == 0 and "xdsl_compile_lower_call_detached" in separable.output
