@@ -245,14 +245,14 @@ def _normalise(images: Tensor, recipe: Recipe) -> Tensor:
     bit-identical to the per-sample path), in place and without their per-call overhead."""
     x = images.to(torch.float32) if images.dtype == torch.uint8 else images
     if images.dtype == torch.uint8:
-        x.mul_(1.0 / 255)
+        x.mul_(1.0 / 255)  # (uint8 * 1/255 in one op takes a slow mixed-dtype path on CPU)
     mean = torch.as_tensor(recipe.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     std = torch.as_tensor(recipe.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
     return x.sub_(mean).div_(std)
 
 
 def _crop_flip_batch(images: Tensor, draws: Draws, recipe: Recipe) -> Tensor:
-    """Pad the batch once (and mirror it if any sample flips), then copy every output row of every
+    """Pad the batch once (and append mirrors of the samples that flip), then copy every output row of every
     sample in one `index_select` over a view of all row-long windows of that buffer.
 
     A flipped sample is cropped from the mirrored copy at the mirrored offset. Row copies are several
@@ -268,10 +268,15 @@ def _crop_flip_batch(images: Tensor, draws: Draws, recipe: Recipe) -> Tensor:
     flip = torch.as_tensor(draws.flip, device=device)
     top, left = torch.as_tensor(draws.top, device=device), torch.as_tensor(draws.left, device=device)
     source = images.contiguous()
+    sample = torch.arange(batch, device=device)
     if draws.flip.any():
-        source = torch.cat([source, source.flip(-1)])
+        flipped = np.flatnonzero(draws.flip)
+        mirrored = source.index_select(0, torch.as_tensor(flipped, device=device)).flip(-1)
+        source = torch.cat([source, mirrored])
+        mirror = np.arange(batch)
+        mirror[flipped] = batch + np.arange(len(flipped))  # sample k's mirror sits after the batch
+        sample = torch.as_tensor(mirror, device=device)
         left = torch.where(flip, width - out_w - left, left)
-    sample = torch.arange(batch, device=device) + batch * flip.long()
     plane = (sample[:, None] * channels + torch.arange(channels, device=device)) * (height * width)
     rows = (top[:, None] + torch.arange(out_h, device=device)) * width + left[:, None]
     starts = plane[:, :, None] + rows[:, None, :]  # (B, C, out_h): where each output row begins
