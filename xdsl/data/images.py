@@ -320,6 +320,34 @@ def _word_names(path: Path, wnids: list[str]) -> list[str]:
     return [words.get(w) or w for w in wnids]
 
 
+def _tiny_imagenet_val(ctx: BuildContext, path: Path, index: dict[str, int]) -> tuple[list[str], list[int]]:
+    """The validation images and labels listed in val/val_annotations.txt (Tiny ImageNet's test set).
+
+    A listed image that is missing raises FileNotFoundError naming it relative to the root."""
+    val_dir = path / "val" / "images"
+    present = {os.path.basename(p) for p in _image_files(val_dir)}
+    paths: list[str] = []
+    labels: list[int] = []
+    annotations = path / "val" / "val_annotations.txt"
+    for lineno, line in enumerate(annotations.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2 or fields[1].strip() not in index:
+            raise DataParamError(
+                f"{annotations}:{lineno}: expected 'filename<TAB>wnid<TAB>x<TAB>y<TAB>w<TAB>h' "
+                f"with a wnid from wnids.txt, got {line!r}",
+                dataset=ctx.name,
+                key="root",
+            )
+        name = fields[0].strip()
+        if name not in present:
+            raise FileNotFoundError(f"val/images/{name}")
+        paths.append(str(val_dir / name))
+        labels.append(index[fields[1].strip()])
+    return paths, labels
+
+
 def tiny_imagenet(
     ctx: BuildContext,
     *,
@@ -366,27 +394,10 @@ def tiny_imagenet(
     if empty:
         raise _missing_error(ctx, root, path, expected, empty, how)
 
-    val_dir = path / "val" / "images"
-    present = {os.path.basename(p) for p in _image_files(val_dir)}
-    test_paths: list[str] = []
-    test_labels: list[int] = []
-    annotations = path / "val" / "val_annotations.txt"
-    for lineno, line in enumerate(annotations.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) < 2 or fields[1].strip() not in index:
-            raise DataParamError(
-                f"{annotations}:{lineno}: expected 'filename<TAB>wnid<TAB>x<TAB>y<TAB>w<TAB>h' "
-                f"with a wnid from wnids.txt, got {line!r}",
-                dataset=ctx.name,
-                key="root",
-            )
-        name = fields[0].strip()
-        if name not in present:
-            raise _missing_error(ctx, root, path, expected, [f"val/images/{name}"], how)
-        test_paths.append(str(val_dir / name))
-        test_labels.append(index[fields[1].strip()])
+    try:
+        test_paths, test_labels = _tiny_imagenet_val(ctx, path, index)
+    except FileNotFoundError as e:
+        raise _missing_error(ctx, root, path, expected, [str(e)], how) from None
 
     size = (64, 64)
     cache_root = ctx.resolve(cache_dir) if cache_dir else None
