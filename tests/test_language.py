@@ -133,7 +133,7 @@ def _leaves(term):
 
 ERRORS = [
     ("syntax", HEADER + "network = builtin.cnn()", 5, 9, "unexpected '='; expected a name"),
-    ("unclosed", HEADER + "loss f(s) = (ce(s, y)", 5, 22, "unexpected end of file"),
+    ("unclosed", HEADER + "loss f(s) = (ce(s, y)", 5, 13, "'(' is never closed"),
     ("bad_char", HEADER + "loss f(s) = ce(s, y) $", 5, 22, "unexpected character '$'"),
     ("reserved", HEADER + "network train = builtin.cnn()", 5, 9, "unexpected 'train'"),
     ("undefined_name", HEADER + "loss f(s) = ce(nett1, y)\ntrain { minimize f(net1) wrt net1 }", 5, 16,

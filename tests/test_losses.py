@@ -315,17 +315,19 @@ def test_kl_grad_true_flows_into_target() -> None:
     assert gt is not None and gt.abs().sum() > 0 and gp is not None
 
 
-def test_l2_grad_flag() -> None:
+def test_l2_detaches_the_target_unless_grad_true() -> None:
     a, b = _feats(1), _feats(2)
     ga, gb = _grads(L.l2, a, b)
-    assert gb is not None and gb.abs().sum() > 0  # default grad=True
-    ga, gb = _grads(L.l2, a, b, grad=False)
-    assert ga is not None and gb is None
+    assert ga is not None and gb is None  # the BYOT hint use: the deepest feature is not pulled back
+    ga, gb = _grads(L.l2, a, b, grad=True)
+    assert ga is not None and gb is not None and gb.abs().sum() > 0
 
 
 @pytest.mark.parametrize("name", ["mse", "l1", "cosine"])
-def test_symmetric_distances_do_not_detach(name: str) -> None:
+def test_feature_distances_detach_the_target_by_default(name: str) -> None:
     ga, gb = _grads(L.LOSSES[name].fn, _feats(1), _feats(2))
+    assert ga is not None and ga.abs().sum() > 0 and gb is None
+    ga, gb = _grads(L.LOSSES[name].fn, _feats(1), _feats(2), grad=True)
     assert ga is not None and gb is not None
 
 
@@ -333,6 +335,36 @@ def test_symmetric_distances_do_not_detach(name: str) -> None:
 def test_feature_teacher_is_detached(name: str) -> None:
     ga, gb = _grads(L.LOSSES[name].fn, _feats(1), _feats(2))
     assert ga is not None and ga.abs().sum() > 0 and gb is None
+
+
+def _tensor_args(spec: L.LossSpec) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, prm in enumerate(spec.params):
+        if prm.kind == "logits":
+            out[prm.name] = _logits(i)
+        elif prm.kind == "features":
+            out[prm.name] = _feats(i)
+        elif prm.kind == "labels":
+            out[prm.name] = _labels(i)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("grad", [False, True])
+def test_registry_gradient_roles_are_what_the_function_does(name: str, grad: bool) -> None:
+    """The checker's dead-term analysis trusts `grads`; autograd decides whether it is right."""
+    spec = L.LOSSES[name]
+    args = _tensor_args(spec)
+    kwargs = {p.name: grad for p in spec.params if p.kind == "bool"}
+    if grad and not kwargs:
+        pytest.skip("no grad keyword")
+    grads = dict(zip(args, _grads(spec.fn, *args.values(), **kwargs)))
+    named = {**{p.name: p.default for p in spec.params}, **kwargs}
+    for param, g in grads.items():
+        if spec.param(param).kind == "labels":
+            continue
+        flows = g is not None and bool(g.abs().sum() > 0)
+        assert flows == spec.carries_gradient(param, named), (name, param, grad)
 
 
 # ---------------------------------------------------------------------------------- registry
@@ -366,7 +398,7 @@ def test_registry_kinds() -> None:
     kinds = {n: tuple((p.name, p.kind) for p in s.params) for n, s in L.LOSSES.items()}
     assert kinds["ce"] == (("p", "logits"), ("y", "labels"), ("label_smoothing", "number"))
     assert kinds["kl"] == (("target", "logits"), ("p", "logits"), ("T", "number"), ("grad", "bool"))
-    assert kinds["l2"] == (("a", "features"), ("b", "features"), ("grad", "bool"))
+    assert kinds["l2"] == (("p", "features"), ("target", "features"), ("grad", "bool"))
     assert L.LOSSES["kl"].usage == "kl(target, p, T=1.0, grad=False)"
     assert L.LOSSES["kd"].required == ("teacher", "student", "y")
 

@@ -50,7 +50,7 @@ def test_grid_file_as_lines_or_json(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("grid, message", [
-    (["lr=1e-3,-1"], "configuration lr=-1: --set lr must be a number > 0"),
+    (["lr=1e-3,-1"], "configuration lr=-1: lr must be a number > 0, got -1"),
     (["bogus=1,2"], "unknown train setting 'bogus'"),
     (["data.colour=1"], "dataset 'digits' has no parameter 'colour'"),
 ])

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import typer
 
-from xdsl.errors import XdslError
+from xdsl.errors import XdslError, XdslWarning
 
 __all__ = ["app", "main"]
 
@@ -23,9 +24,31 @@ _state = {"debug": False}
 SpecArg = typer.Argument(..., help="the .xspec file", exists=False)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Spec warnings print as the located text they carry; others as Python prints them."""
+    if issubclass(category, XdslWarning):
+        typer.echo(str(message), err=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _version(value: bool) -> None:
+    if value:
+        from xdsl import __version__
+
+        typer.echo(f"xdsl {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _options(debug: bool = typer.Option(False, "--debug", help="show Python tracebacks")) -> None:
+def _options(debug: bool = typer.Option(False, "--debug", help="show Python tracebacks"),
+             version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                          help="print the version and exit")) -> None:
     _state["debug"] = debug
+    warnings.showwarning = _show_warning
 
 
 def _fail(e: BaseException) -> None:
@@ -35,19 +58,25 @@ def _fail(e: BaseException) -> None:
     raise typer.Exit(2)
 
 
-def _compile(spec: Path, device: str = "meta", allow_imports: bool = False, overrides=None):
+def _compile(spec: Path, device: str = "meta", allow_imports: bool = False, overrides=None, strict: bool = False):
     from xdsl.experiment import compile_program
 
-    return compile_program(spec, device=device, allow_imports=allow_imports, overrides=overrides)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", XdslWarning)
+        return compile_program(spec, device=device, allow_imports=allow_imports, overrides=overrides,
+                               strict=strict)
+
+
+STRICT = typer.Option(False, "--strict", help="treat warnings (loss terms that cannot train, ...) as errors")
 
 
 @app.command("check")
 def check_cmd(spec: Path = SpecArg,
-              allow_imports: bool = typer.Option(False, help="allow 'package.module:callable' models from anywhere")
-              ) -> None:
+              allow_imports: bool = typer.Option(False, help="allow 'package.module:callable' models from anywhere"),
+              strict: bool = STRICT) -> None:
     """Parse, check names/types, build models on the meta device, cut them and infer shapes."""
     try:
-        c = _compile(spec, allow_imports=allow_imports)
+        c = _compile(spec, allow_imports=allow_imports, strict=strict)
     except XdslError as e:
         _fail(e)
     p = c.program

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Pos", "XdslError", "SpecError", "SpecErrors"]
+__all__ = ["Pos", "XdslError", "SpecError", "SpecErrors", "SpecWarning", "XdslWarning"]
 
 
 @dataclass(frozen=True)
@@ -38,20 +38,36 @@ class XdslError(Exception):
 class SpecError(XdslError):
     """An error located in a spec file: `file:line:col: error: message`, the line and a caret."""
 
+    severity = "error"
+
     def __init__(self, message: str, pos: Pos | None = None, hint: str | None = None):
         super().__init__(message, hint)
         self.pos = pos
 
     def render(self) -> str:
         if self.pos is None:
-            return super().render()
-        text = f"{self.pos}: error: {self.message}"
+            text = f"{self.severity}: {self.message}"
+            return text + (f"\n  hint: {self.hint}" if self.hint else "")
+        text = f"{self.pos}: {self.severity}: {self.message}"
         line = _source_line(self.pos)
         if line is not None:
             text += f"\n    {line}\n    {' ' * (self.pos.col - 1)}^"
         if self.hint:
             text += f"\n  hint: {self.hint}"
         return text
+
+
+class SpecWarning(SpecError):
+    """A located problem that does not stop the spec (`xdsl check --strict` makes it an error)."""
+
+    severity = "warning"
+
+    def as_error(self) -> SpecError:
+        return SpecError(self.message, self.pos, self.hint)
+
+
+class XdslWarning(UserWarning):
+    """Python-warning category of spec warnings (for `xdsl.load`; `warnings.simplefilter("error", ...)`)."""
 
 
 class SpecErrors(XdslError):

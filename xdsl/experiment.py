@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,11 @@ from torch import nn
 from torch._functorch import config as functorch_config
 
 from xdsl.compile.assemble import Compiled, assemble
-from xdsl.compile.graph import objective_node, term_leaves, term_node
+from xdsl.compile.graph import module_target, objective_node, term_leaves, term_node
 from xdsl.compile.lower import Lowered, lower, path_module
 from xdsl.compile.optim import make_optimizer, make_scheduler
 from xdsl.distributed import all_reduce_grads, is_distributed, wrap_objective
-from xdsl.errors import SpecError, XdslError
+from xdsl.errors import SpecError, XdslError, XdslWarning
 from xdsl.lang import ir
 from xdsl.lang.check import check, path_of
 from xdsl.lang.parser import parse_expr, parse_file
@@ -36,12 +37,18 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def compile_program(path: str | Path, *, device: str | torch.device = "cpu", allow_imports: bool = False,
-                    input_shape: tuple[int, ...] | None = None, overrides: dict[str, Any] | None = None) -> Compiled:
-    """parse -> check -> build -> cut -> shapes -> graph, for `xdsl check/compile/graph` and `load`."""
+                    input_shape: tuple[int, ...] | None = None, overrides: dict[str, Any] | None = None,
+                    strict: bool = False) -> Compiled:
+    """parse -> check -> build -> cut -> shapes -> graph, for `xdsl check/compile/graph` and `load`.
+
+    The spec's warnings are issued as `XdslWarning`s (the command line prints them located);
+    `strict` makes them errors.
+    """
+
     path = Path(path)
-    program = check(parse_file(path))
-    if overrides:
-        program = apply_overrides(program, overrides)
+    program = check(apply_overrides(parse_file(path), overrides or {}), strict=strict)
+    for w in program.warnings:
+        warnings.warn(XdslWarning(w.render()), stacklevel=2)
     return assemble(program, device=device, spec_dir=path.resolve().parent, allow_imports=allow_imports,
                     input_shape=input_shape)
 
@@ -109,7 +116,8 @@ class Experiment:
         """Make a train block current: freeze what it does not train, build optimisers and generated code."""
         stage = next((s for s in self.program.stages if s.name == name), None)
         if stage is None:
-            raise KeyError(f"no train block '{name}'; blocks: {[s.name for s in self.program.stages]}")
+            raise XdslError(f"no train block '{name}'",
+                            hint=f"blocks: {', '.join(s.name for s in self.program.stages)}")
         self.stage = stage
         trainable = set(stage.trained)
         for net in self.networks:
@@ -188,11 +196,44 @@ class Experiment:
             missing = [s for s in p.steps if isinstance(s, ir.AdapterStep) and s.name not in self.adapters]
             if missing:
                 raise SpecError(f"adapter '{missing[0].name}' is not used by the spec, so it has no shape yet")
+            self._check_path_shapes(p)
             self._paths[key] = path_module(self.compiled.root, p)
+        self._check_batch(x)
         return self._paths[key](x)
+
+    def _check_path_shapes(self, p: ir.Path) -> None:
+        """Run the path on a meta batch first, so parts that do not join are an error naming them."""
+        from xdsl.shapes import infer_shapes
+
+        modules = [self.compiled.root.get_submodule(module_target(s)) for s in p.steps]
+        names = [str(s) for s in p.steps]
+        try:
+            infer_shapes(modules, torch.empty((2, *self.compiled.input_shape), device="meta"), names)
+        except XdslError as e:
+            raise XdslError(f"path {p} cannot run: {e.message}",
+                            hint="join parts of different widths through an adapter the spec declares") from None
+
+    def _check_batch(self, x: Any, y: Any = None) -> None:
+        """A batch of the wrong shape or type is an XdslError, not an error from deep inside a module."""
+        want = self.compiled.input_shape  # channels are fixed by the models; sizes may vary with the data
+        if not isinstance(x, torch.Tensor) or x.dim() != len(want) + 1 or x.shape[1] != want[0]:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise XdslError(f"x must be a batch of {want[0]}-channel inputs shaped like "
+                            f"(B, {', '.join(map(str, want))}), got {got}")
+        if y is not None and (not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]
+                              or y.is_floating_point()):
+            got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise XdslError(f"y must be integer labels of shape ({x.shape[0]},), got {got}")
+
+    def _require_stage(self) -> ir.Stage:
+        if self.stage is None:
+            raise XdslError("the spec has no train block, so there is no objective to compute or step")
+        return self.stage
 
     def objectives(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every trained network's objective on (x, y) under the current weights (no update)."""
+        self._require_stage()
+        self._check_batch(x, y)
         losses, terms = self._all.module(x, y, self.clock(self._all))
         return dict(zip(self._all.networks, losses))
 
@@ -225,7 +266,9 @@ class Experiment:
         the sample-weighted mean of its micro-batch gradients, i.e. the gradient of its objective on
         the concatenated batch (exact up to BatchNorm statistics, which see each micro-batch alone).
         Under `order alternating` a network's micro-batches all see the peers' weights of this step."""
-        stage = self.stage
+        stage = self._require_stage()
+        for x, y in batches:
+            self._check_batch(x, y)
         total = sum(len(y) for _, y in batches)
         weights = [len(y) / total for _, y in batches]
         out: dict[str, torch.Tensor] = {}

@@ -8,8 +8,12 @@ breaks: no ``.item()``, no Python branches on tensor values. Branches on Python 
 the spec checker each primitive's arity, keyword names, argument kinds and defaults.
 
 Conventions: logits are ``(B, K)``, features ``(B, C, H, W)`` or ``(B, D)``, labels ``(B,)`` long.
-The target/teacher argument of a distillation loss is detached (no gradient flows into the
-teacher) unless the primitive has ``grad`` and it is true.
+Every tensor argument has a role, declared with the primitive (``grads``): the prediction (``p``,
+``student``, ``student_feat``) learns and always carries gradient; the target (``target``,
+``teacher``, ``teacher_feat``) is detached unless the primitive has a ``grad`` keyword and it is
+true; labels carry none. The spec checker reads these roles to find loss terms that cannot train the
+network they are minimised for (`xdsl.lang.flow`), so they must say exactly what the function does
+(tested against autograd for every primitive).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ __all__ = [
     "LossParam",
     "LossSpec",
     "LOSSES",
+    "ALWAYS",
     "loss_signature",
     "softmax_entropy",
     "ce",
@@ -76,6 +81,9 @@ REQUIRED = _Required.REQUIRED
 KINDS = frozenset({"logits", "features", "labels", "number", "bool"})
 """Argument kinds: a net path gives ``logits`` or ``features``, ``y`` gives ``labels``."""
 
+ALWAYS = True
+"""``grads`` value of a prediction argument: gradient always flows into it."""
+
 
 class LossParam(NamedTuple):
     """One parameter: unpacks as ``(name, kind, default)``; default is ``REQUIRED`` if required."""
@@ -96,6 +104,9 @@ class LossSpec:
     # (param, predicate, message) value constraints on number params, checked by the spec checker
     # because the functions themselves must stay branch-free.
     constraints: tuple[tuple[str, Callable[[float], bool], str], ...] = ()
+    # tensor param -> ALWAYS (a prediction) or the name of the bool param that lets gradient into it
+    # (a target, detached unless that keyword is true); tensor params not listed never carry gradient
+    grads: tuple[tuple[str, bool | str], ...] = ()
 
     @property
     def usage(self) -> str:
@@ -109,6 +120,13 @@ class LossSpec:
 
     def param(self, name: str) -> LossParam | None:
         return next((p for p in self.params if p.name == name), None)
+
+    def carries_gradient(self, param: str, args: dict[str, Any]) -> bool:
+        """Whether gradient flows into ``param`` given the call's arguments by name (defaults filled)."""
+        rule = dict(self.grads).get(param)
+        if rule is None:
+            return False
+        return rule is ALWAYS or bool(args.get(rule))
 
     def check_value(self, param: str, value: float) -> str | None:
         """Problem with a constant number argument, or None if it is acceptable."""
@@ -130,9 +148,15 @@ _NONNEG = (lambda v: v >= 0, "must be >= 0")
 
 
 def _primitive(
-    constraints: dict[str, tuple[Callable[[float], bool], str]] | None = None, **kinds: str
+    constraints: dict[str, tuple[Callable[[float], bool], str]] | None = None,
+    grads: dict[str, bool | str] | None = None,
+    **kinds: str,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Register ``fn`` in LOSSES; kinds are given per parameter, defaults come from the signature."""
+    """Register ``fn`` in LOSSES; kinds are given per parameter, defaults come from the signature.
+
+    ``grads`` declares which tensor arguments carry gradient (see ``LossSpec.grads``); it may be
+    left out only when there is one tensor argument (then the prediction).
+    """
 
     def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         sig = inspect.signature(fn)
@@ -145,7 +169,15 @@ def _primitive(
             default = REQUIRED if p.default is inspect.Parameter.empty else p.default
             params.append(LossParam(name, kinds[name], default))
         cons = tuple((k, ok, msg) for k, (ok, msg) in (constraints or {}).items())
-        LOSSES.register(fn.__name__, LossSpec(fn.__name__, fn, tuple(params), inspect.getdoc(fn) or "", cons))
+        tensors = [n for n, k in kinds.items() if k in ("logits", "features")]
+        if grads is None and len(tensors) != 1:
+            raise AssertionError(f"{fn.__name__}: say which of {tensors} carry gradient (grads=...)")
+        flows = grads if grads is not None else {tensors[0]: ALWAYS}
+        for name, rule in flows.items():
+            if kinds.get(name) not in ("logits", "features") or not (rule is ALWAYS or kinds.get(rule) == "bool"):
+                raise AssertionError(f"{fn.__name__}: bad gradient rule {name}={rule!r}")
+        LOSSES.register(fn.__name__, LossSpec(fn.__name__, fn, tuple(params), inspect.getdoc(fn) or "", cons,
+                                              tuple(flows.items())))
         return fn
 
     return register
@@ -188,7 +220,8 @@ def ce(p: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
     return F.cross_entropy(p, y, label_smoothing=label_smoothing)
 
 
-@_primitive(target="logits", p="logits", T="number", grad="bool", constraints={"T": _POSITIVE})
+@_primitive(target="logits", p="logits", T="number", grad="bool", constraints={"T": _POSITIVE},
+            grads={"p": ALWAYS, "target": "grad"})
 def kl(target: Tensor, p: Tensor, T: float = 1.0, grad: bool = False) -> Tensor:
     """``T^2 * KL(softmax(target/T) || softmax(p/T))``, summed over classes, mean over the batch.
 
@@ -205,6 +238,7 @@ def kl(target: Tensor, p: Tensor, T: float = 1.0, grad: bool = False) -> Tensor:
 
 
 @_primitive(
+    grads={"student": ALWAYS},
     teacher="logits",
     student="logits",
     y="labels",
@@ -221,7 +255,7 @@ def kd(teacher: Tensor, student: Tensor, y: Tensor, T: float = 4.0, alpha: float
     return alpha * kl(teacher, student, T) + (1.0 - alpha) * ce(student, y)
 
 
-@_primitive(target="logits", p="logits", T="number", constraints={"T": _POSITIVE})
+@_primitive(target="logits", p="logits", T="number", constraints={"T": _POSITIVE}, grads={"p": ALWAYS})
 def ce_soft(target: Tensor, p: Tensor, T: float = 1.0) -> Tensor:
     """Soft-target cross-entropy ``-T^2 * sum_k softmax(target/T)_k log softmax(p/T)_k``, batch mean.
 
@@ -243,7 +277,7 @@ def entropy(p: Tensor) -> Tensor:
     return softmax_entropy(p).mean()
 
 
-@_primitive(teacher="logits", p="logits", y="labels")
+@_primitive(teacher="logits", p="logits", y="labels", grads={"p": ALWAYS})
 def cwtm(teacher: Tensor, p: Tensor, y: Tensor) -> Tensor:
     """Born-Again Confidence-Weighted by Teacher Max (the Born-Again paper).
 
@@ -271,7 +305,7 @@ def _permute_non_argmax(q: Tensor) -> Tensor:
     return torch.zeros_like(q).scatter(1, by_random, q.gather(1, by_index))
 
 
-@_primitive(teacher="logits", p="logits")
+@_primitive(teacher="logits", p="logits", grads={"p": ALWAYS})
 def dkpp(teacher: Tensor, p: Tensor) -> Tensor:
     """Born-Again Dark Knowledge with Permuted Predictions (the Born-Again paper).
 
@@ -294,6 +328,7 @@ def _binary_log_probs(z: Tensor, y: Tensor, gt: Tensor) -> Tensor:
 
 
 @_primitive(
+    grads={"p": ALWAYS},
     teacher="logits",
     p="logits",
     y="labels",
@@ -333,44 +368,47 @@ def dkd(
 # -------------------------------------------------------------------------------------- features
 
 
-@_primitive(a="features", b="features", grad="bool")
-def l2(a: Tensor, b: Tensor, grad: bool = True) -> Tensor:
-    """Squared L2 distance per sample, batch mean: ``mean_s ||flatten(a_s) - flatten(b_s)||^2``.
+_FEATURE_GRADS = {"p": ALWAYS, "target": "grad"}
 
-    BYOT feature hint (the BYOT paper) and XML adapter warm-up (the XML paper). ``b`` is detached only
-    with ``grad=false``. Use: ``l2(s.layer1.hint, s.layer4, grad=false)``.
+
+@_primitive(p="features", target="features", grad="bool", grads=_FEATURE_GRADS)
+def l2(p: Tensor, target: Tensor, grad: bool = False) -> Tensor:
+    """Squared L2 distance per sample, batch mean: ``mean_s ||flatten(p_s) - flatten(target_s)||^2``.
+
+    BYOT feature hint (the BYOT paper) and XML adapter warm-up (the XML paper). ``target`` is detached unless
+    ``grad=true``. Use: ``l2(s.layer1.hint, s.layer4)`` - the hint learns the deepest feature.
     """
-    return (a - _target(b, grad)).pow(2).flatten(1).sum(dim=1).mean()
+    return (p - _target(target, grad)).pow(2).flatten(1).sum(dim=1).mean()
 
 
-@_primitive(a="features", b="features")
-def mse(a: Tensor, b: Tensor) -> Tensor:
-    """``F.mse_loss(a, b)``: elementwise mean of squared differences; nothing detached.
+@_primitive(p="features", target="features", grad="bool", grads=_FEATURE_GRADS)
+def mse(p: Tensor, target: Tensor, grad: bool = False) -> Tensor:
+    """``F.mse_loss(p, target)``: elementwise mean of squared differences; target detached unless ``grad=true``.
 
-    Use: ``mse(a.adapter, b.layer2)``.
+    Use: ``mse(a.layer2 >> adapter, b.layer2)``.
     """
-    return F.mse_loss(a, b)
+    return F.mse_loss(p, _target(target, grad))
 
 
-@_primitive(a="features", b="features")
-def l1(a: Tensor, b: Tensor) -> Tensor:
-    """``F.l1_loss(a, b)``: elementwise mean of absolute differences; nothing detached.
+@_primitive(p="features", target="features", grad="bool", grads=_FEATURE_GRADS)
+def l1(p: Tensor, target: Tensor, grad: bool = False) -> Tensor:
+    """``F.l1_loss(p, target)``: elementwise mean of absolute differences; target detached unless ``grad=true``.
 
-    Use: ``l1(a.adapter, b.layer2)``.
+    Use: ``l1(a.layer2 >> adapter, b.layer2)``.
     """
-    return F.l1_loss(a, b)
+    return F.l1_loss(p, _target(target, grad))
 
 
-@_primitive(a="features", b="features")
-def cosine(a: Tensor, b: Tensor) -> Tensor:
-    """``1 - cos(flatten(a_s), flatten(b_s))``, batch mean; nothing detached.
+@_primitive(p="features", target="features", grad="bool", grads=_FEATURE_GRADS)
+def cosine(p: Tensor, target: Tensor, grad: bool = False) -> Tensor:
+    """``1 - cos(flatten(p_s), flatten(target_s))``, batch mean; target detached unless ``grad=true``.
 
     Use: ``cosine(s.layer3, t.layer3)``.
     """
-    return (1.0 - F.cosine_similarity(a.flatten(1), b.flatten(1), dim=1)).mean()
+    return (1.0 - F.cosine_similarity(p.flatten(1), _target(target, grad).flatten(1), dim=1)).mean()
 
 
-@_primitive(student_feat="features", teacher_feat="features")
+@_primitive(student_feat="features", teacher_feat="features", grads={"student_feat": ALWAYS})
 def hint(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     """FitNets hint: ``F.mse_loss(student_feat, teacher_feat.detach())`` (elementwise mean).
 
@@ -402,7 +440,8 @@ def _attention(f: Tensor, p: float) -> Tensor:
     return F.normalize(f.abs().pow(p).mean(dim=1).flatten(1), dim=1)
 
 
-@_primitive(student_feat="features", teacher_feat="features", p="number", constraints={"p": _POSITIVE})
+@_primitive(student_feat="features", teacher_feat="features", p="number", constraints={"p": _POSITIVE},
+            grads={"student_feat": ALWAYS})
 def at(student_feat: Tensor, teacher_feat: Tensor, p: float = 2.0) -> Tensor:
     """Attention transfer (Zagoruyko & Komodakis 2017): ``mean((a(s) - a(t))^2)``.
 
@@ -420,7 +459,7 @@ def at(student_feat: Tensor, teacher_feat: Tensor, p: float = 2.0) -> Tensor:
 # ``3000 * sp(...)``, ``30000 * pkt(...)``, ``rkd(...)``, ``50 * nst(...)``, ``dist(...)``).
 
 
-@_primitive(student_feat="features", teacher_feat="features")
+@_primitive(student_feat="features", teacher_feat="features", grads={"student_feat": ALWAYS})
 def sp(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     """Similarity-preserving KD (Tung & Mori 2019): match the batch's row-normalised Gram matrices.
 
@@ -439,7 +478,7 @@ def _cosine_affinity(f: Tensor, eps: float) -> Tensor:
     return sim / sim.sum(dim=1, keepdim=True)
 
 
-@_primitive(student_feat="features", teacher_feat="features")
+@_primitive(student_feat="features", teacher_feat="features", grads={"student_feat": ALWAYS})
 def pkt(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     """Probabilistic knowledge transfer (Passalis & Tefas 2018): KL between cosine-affinity distributions.
 
@@ -469,7 +508,7 @@ def _angles(e: Tensor) -> Tensor:
 
 
 @_primitive(student_feat="features", teacher_feat="features", distance="number", angle="number",
-            constraints={"distance": _NONNEG, "angle": _NONNEG})
+            constraints={"distance": _NONNEG, "angle": _NONNEG}, grads={"student_feat": ALWAYS})
 def rkd(student_feat: Tensor, teacher_feat: Tensor, distance: float = 25.0, angle: float = 50.0) -> Tensor:
     """Relational KD (Park et al. 2019): distance-wise and angle-wise relations of the batch.
 
@@ -488,7 +527,7 @@ def _poly_mmd_kernel(a: Tensor, b: Tensor) -> Tensor:
     return torch.bmm(a, b.transpose(1, 2)).pow(2).mean()
 
 
-@_primitive(student_feat="features", teacher_feat="features")
+@_primitive(student_feat="features", teacher_feat="features", grads={"student_feat": ALWAYS})
 def nst(student_feat: Tensor, teacher_feat: Tensor) -> Tensor:
     """Neuron selectivity transfer (Huang & Wang 2017): MMD of channel activation maps, polynomial kernel.
 
@@ -510,7 +549,7 @@ def _pearson_gap(a: Tensor, b: Tensor) -> Tensor:
 
 
 @_primitive(teacher="logits", p="logits", beta="number", gamma="number", T="number",
-            constraints={"beta": _NONNEG, "gamma": _NONNEG, "T": _POSITIVE})
+            constraints={"beta": _NONNEG, "gamma": _NONNEG, "T": _POSITIVE}, grads={"p": ALWAYS})
 def dist(teacher: Tensor, p: Tensor, beta: float = 1.0, gamma: float = 1.0, T: float = 1.0) -> Tensor:
     """DIST (Huang et al. 2022): Pearson-correlation relations of the predictions, inter- and intra-class.
 

@@ -21,12 +21,19 @@ T = TypeVar("T")
 def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
     """The closest candidate to a misspelled name, or None when nothing is close."""
     pool = list(candidates)
+    same = [c for c in pool if _bare(c) == _bare(name)]  # `layer_2` is `layer2` with a separator more
+    if same:
+        return same[0]
     close = difflib.get_close_matches(name, pool, n=1, cutoff=0.6)
     if close:
         return close[0]
     lowered = {c.lower(): c for c in pool}
     close = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6)
     return lowered[close[0]] if close else None
+
+
+def _bare(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch not in "_.-")
 
 
 class Registry(Generic[T]):

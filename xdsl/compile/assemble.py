@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from xdsl.adapters import make_adapter
-from xdsl.compile.build import build_model, load_weights
+from xdsl.compile.build import build_model
 from xdsl.compile.cut import cut_model
 from xdsl.compile.graph import build_graph, path_node
+from xdsl.compile.weights import load_network_weights, split_selector
 from xdsl.data.params import resolve_spec_path
 from xdsl.errors import SpecError, SpecErrors, XdslError
 from xdsl.lang import ir
@@ -75,14 +76,13 @@ def _build_networks(program: ir.Program, device: str, spec_dir: Path | None,
         try:
             model = build_model(decl.ref, decl.kwargs, device=device, spec_dir=spec_dir, allow_imports=allow_imports)
             if decl.weights:
-                weights = resolve_spec_path(decl.weights, spec_dir, "weights file") if spec_dir is not None \
-                    else Path(decl.weights)
-                if not weights.exists():
+                file, _ = split_selector(decl.weights)
+                weights = resolve_spec_path(file, spec_dir, "weights file") if spec_dir is not None else Path(file)
+                if not weights.is_file():
                     raise XdslError(f"weights file '{weights}' does not exist",
-                                    hint="fix the path, or save the trained network's state_dict there "
-                                         "(torch.save(net.state_dict(), path))")
-                if device != "meta":
-                    load_weights(model, weights, decl.ref)
+                                    hint="give a state_dict file (torch.save(net.state_dict(), path)) or a run's "
+                                         "checkpoints/<block>/final.pt")
+                load_network_weights(model, decl.weights, weights, name, decl.ref, device)
         except XdslError as e:
             errors.append(_located(e, decl.pos))
             continue
@@ -161,54 +161,63 @@ def assemble(program: ir.Program, *, device: str | torch.device = "cpu", spec_di
     num_classes = 0
     shape_cache: dict[tuple[int, tuple[int, ...]], torch.Size] = {}
     rest = [n for n in nx.topological_sort(graph) if n not in set(natural)]
-    for node in natural + rest:
-        data = graph.nodes[node]
-        if data["kind"] not in ("part", "adapter"):
-            continue
-        (parent,) = graph.predecessors(node)
-        in_shape = shapes[parent]
-        step = data["step"]
-        if isinstance(step, ir.PartStep):
-            module = parts[step.net][step.part]
-            if step.index > 0:
-                expected = shapes.get(path_node(program.natural_path(step.net, step.index)))
-                if expected is not None and tuple(expected) != tuple(in_shape):
-                    raise SpecError(
-                        f"shape mismatch in path {data['path']}: {data['path'].prefix(len(data['path'].steps) - 1)} "
-                        f"gives {tuple(in_shape)}, but {step} expects {tuple(expected)}",
-                        _use_pos(graph, node, program),
-                        f"put an adapter between them, e.g. `adapter a = conv1x1(relu=true) owner {step.net}`")
-        else:
-            decl = program.adapters[step.name]
-            if step.name not in adapters:
-                out_shape, classes = _adapter_out_shape(graph, node, shapes, program, num_classes)
-                try:
-                    with torch.device(modules_device):
-                        adapters[step.name] = make_adapter(decl.kind, decl.kwargs, in_shape, out_shape, classes)
-                except XdslError as e:
-                    raise SpecError(f"adapter '{step.name}': {e.message}", decl.pos, e.hint) from None
-            module = adapters[step.name]
-        try:
-            key = (id(module), tuple(in_shape))  # a part meets the same input shape in many paths
-            if key not in shape_cache:
-                (shape_cache[key],) = infer_shapes([module], torch.empty(in_shape, device="meta"))
-            out_shape = shape_cache[key]
-        except XdslError as e:
-            raise SpecError(f"{data['path']}: {e.message}", _use_pos(graph, node, program), e.hint) from None
-        except Exception as e:  # a part that cannot take this input at all
-            raise SpecError(f"{data['path']}: {step} cannot take an input of shape {tuple(in_shape)} "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-                            _use_pos(graph, node, program) or program.networks[data['owner']].pos) from None
-        if isinstance(step, ir.AdapterStep):
-            seen = adapter_io.setdefault(step.name, (in_shape, out_shape))
-            if tuple(seen[0]) != tuple(in_shape):
-                raise SpecError(f"adapter '{step.name}' is used on inputs of shapes {tuple(seen[0])} and "
-                                f"{tuple(in_shape)}; an adapter has one shape", _use_pos(graph, node, program))
-        shapes[node] = out_shape
-        data["shape"] = tuple(out_shape)
-        data["params"] = sum(p.numel() for p in module.parameters())
-        if isinstance(step, ir.PartStep) and step.index == len(program.parts[step.net]) - 1 and not num_classes:
-            num_classes = int(out_shape[-1])
+    try:
+        for node in natural + rest:
+            data = graph.nodes[node]
+            if data["kind"] not in ("part", "adapter"):
+                continue
+            (parent,) = graph.predecessors(node)
+            in_shape = shapes[parent]
+            step = data["step"]
+            if isinstance(step, ir.PartStep):
+                module = parts[step.net][step.part]
+                if step.index > 0:
+                    expected = shapes.get(path_node(program.natural_path(step.net, step.index)))
+                    if expected is not None and tuple(expected) != tuple(in_shape):
+                        raise SpecError(
+                            f"shape mismatch in path {data['path']}: "
+                            f"{data['path'].prefix(len(data['path'].steps) - 1)} "
+                            f"gives {tuple(in_shape)}, but {step} expects {tuple(expected)}",
+                            _use_pos(graph, node, program),
+                            f"put an adapter between them, e.g. `adapter a = conv1x1(relu=true) owner {step.net}`")
+            else:
+                decl = program.adapters[step.name]
+                if step.name not in adapters:
+                    out_shape, classes = _adapter_out_shape(graph, node, shapes, program, num_classes)
+                    try:
+                        with torch.device(modules_device):
+                            adapters[step.name] = make_adapter(decl.kind, decl.kwargs, in_shape, out_shape, classes)
+                    except XdslError as e:
+                        raise SpecError(f"adapter '{step.name}': {e.message}", decl.pos, e.hint) from None
+                module = adapters[step.name]
+            try:
+                key = (id(module), tuple(in_shape))  # a part meets the same input shape in many paths
+                if key not in shape_cache:
+                    (shape_cache[key],) = infer_shapes([module], torch.empty(in_shape, device="meta"))
+                out_shape = shape_cache[key]
+            except XdslError as e:
+                raise SpecError(f"{data['path']}: {e.message}", _use_pos(graph, node, program), e.hint) from None
+            except Exception as e:  # a part that cannot take this input at all
+                raise SpecError(f"{data['path']}: {step} cannot take an input of shape {tuple(in_shape)} "
+                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                                _use_pos(graph, node, program) or program.networks[data['owner']].pos) from None
+            if isinstance(step, ir.AdapterStep):
+                seen = adapter_io.setdefault(step.name, (in_shape, out_shape))
+                if tuple(seen[0]) != tuple(in_shape):
+                    raise SpecError(f"adapter '{step.name}' is used on inputs of shapes {tuple(seen[0])} and "
+                                    f"{tuple(in_shape)}; an adapter has one shape", _use_pos(graph, node, program))
+            shapes[node] = out_shape
+            data["shape"] = tuple(out_shape)
+            data["params"] = sum(p.numel() for p in module.parameters())
+            if isinstance(step, ir.PartStep) and step.index == len(program.parts[step.net]) - 1 and not num_classes:
+                num_classes = int(out_shape[-1])
+    except SpecError as e:
+        if program.data is not None:
+            raise
+        raise SpecError(f"{e.message} (the spec has no 'data' statement, so the input shape is unknown and "
+                        f"{tuple(input_shape)} was assumed)", e.pos,
+                        "add the data statement, e.g. data digits(batch_size=64), to check with its input shape") \
+            from None
     root = nn.Module()
     root.parts = parts
     root.adapters = adapters

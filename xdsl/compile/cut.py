@@ -371,7 +371,8 @@ def cut_model(model: nn.Module, points: Sequence[str], part_names: Sequence[str]
                     "(forward never calls it, or it sits inside a module traced as one leaf)",
                     hint=f"cut points available: {', '.join(_available(g))}",
                 )
-            guess = did_you_mean(point, g.module_paths() + [n.name for n in g.nodes if n.op != "output"])
+            guess = did_you_mean(point, g.module_paths()) or \
+                did_you_mean(point, [n.name for n in g.nodes if n.op != "output"])  # modules first: what people write
             available = ", ".join(_available(g))
             hint = f"did you mean '{guess}'?" if guess else f"cut points available: {available}"
             raise XdslError(f"unknown cut point '{point}' in {type(model).__name__}", hint=hint)

@@ -15,16 +15,18 @@ __all__ = ["make_optimizer", "make_scheduler"]
 def make_optimizer(decl: ir.OptimizerDecl, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
     """`optimizer sgd(lr=0.1, momentum=0.9, nesterov=true, weight_decay=5e-4)` -> torch optimizer.
 
-    foreach kernels (one launch per parameter group, not per tensor) on every device; fused on CUDA.
+    Every keyword maps one-to-one onto the torch.optim class's argument (the checker's defaults are
+    the class's defaults and it rejects what the class would reject). foreach kernels (one launch per
+    parameter group, not per tensor) on every device; fused Adam/AdamW on CUDA.
     """
     kw = dict(decl.kwargs)
-    fast = {"fused": True} if device.type == "cuda" and decl.name in ("adam", "adamw") else {"foreach": True}
     if decl.name == "sgd":
-        nesterov = bool(kw["nesterov"]) and kw["momentum"] > 0
-        return torch.optim.SGD(params, lr=kw["lr"], momentum=kw["momentum"], nesterov=nesterov,
-                               weight_decay=kw["weight_decay"], foreach=True)
+        return torch.optim.SGD(params, lr=kw["lr"], momentum=kw["momentum"], dampening=kw["dampening"],
+                               nesterov=kw["nesterov"], weight_decay=kw["weight_decay"], foreach=True)
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     cls = torch.optim.Adam if decl.name == "adam" else torch.optim.AdamW
-    return cls(params, lr=kw["lr"], betas=(kw["beta1"], kw["beta2"]), weight_decay=kw["weight_decay"], **fast)
+    return cls(params, lr=kw["lr"], betas=(kw["beta1"], kw["beta2"]), eps=kw["eps"],
+               weight_decay=kw["weight_decay"], amsgrad=kw["amsgrad"], **fast)
 
 
 def make_scheduler(decl: ir.OptimizerDecl | None, optimizer: torch.optim.Optimizer,

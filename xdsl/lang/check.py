@@ -10,43 +10,19 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from xdsl.errors import Pos, SpecError, SpecErrors
+from xdsl.errors import Pos, SpecError, SpecErrors, SpecWarning
 from xdsl.eval.items import EVALUATIONS
 from xdsl.lang import ast, ir
+from xdsl.lang.flow import dead_terms
 from xdsl.lang.macros import expand_macros
+from xdsl.lang.settings import DEFAULT_OPTIMIZER, OPTIMIZERS, ORDERS, REQUIRED, SCHEDULES, SETTINGS
 from xdsl.registry import did_you_mean
 
 __all__ = ["check", "path_of", "ORDERS", "SETTINGS", "OPTIMIZERS", "SCHEDULES"]
 
 WHOLE = "all"  # the single part of a network that is not cut
-ORDERS = ("alternating", "simultaneous", "round_robin", "random")
 BUILTIN_FUNCS = ("sum", "mean", "len", "peers", "ensemble")
 
-# optimiser -> accepted keywords and defaults (the XML paper: Adam 1e-4; the DML paper: SGD Nesterov 0.1/0.9)
-OPTIMIZERS: dict[str, dict[str, Any]] = {
-    "sgd": {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
-    "adam": {"lr": 1e-4, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999},
-    "adamw": {"lr": 1e-3, "weight_decay": 0.01, "beta1": 0.9, "beta2": 0.999},
-}
-# learning-rate schedules; `step(every=60, gamma=0.1)` is the DML paper's x0.1 every 60 epochs
-SCHEDULES: dict[str, dict[str, Any]] = {
-    "none": {},
-    "step": {"every": 60, "gamma": 0.1},
-    "multistep": {"milestones": [60, 120, 160], "gamma": 0.2},
-    "cosine": {"warmup": 0},
-}
-# other train settings: name -> (kind, default)
-SETTINGS: dict[str, tuple[str, Any]] = {
-    "optimizer": ("optimizer", None),
-    "epochs": ("int>=1", 1),
-    "order": ("order", "alternating"),
-    "schedule": ("schedule", None),
-    "grad_clip": ("number>0", None),
-    "max_steps": ("int>=1", None),      # cap on optimisation steps per epoch (quick runs)
-    "eval_every": ("int>=1", 1),        # evaluate every N epochs
-    "accumulate": ("int>=1", 1),        # micro-batches per optimisation step (gradient accumulation)
-    "map_channels": ("measure", None),  # align channels at the cut first (the XML paper's XML_m): bmm_std, ...
-}
 # ---- values the checker computes with ----
 
 @dataclass(frozen=True)
@@ -139,6 +115,7 @@ class _Checker:
     def __init__(self, spec: ast.Spec):
         self.spec = spec
         self.errors: list[SpecError] = []
+        self.warnings: list[SpecWarning] = []
         self.networks: dict[str, ir.NetworkDecl] = {}
         self.parts: dict[str, tuple[str, ...]] = {}
         self.cuts: dict[str, ir.CutDecl] = {}
@@ -163,10 +140,10 @@ class _Checker:
             except SpecError as e:
                 self.errors.append(e)
         if self.errors:
-            self.errors.sort(key=lambda e: (e.pos.line, e.pos.col) if e.pos else (0, 0))
-            raise self.errors[0] if len(self.errors) == 1 else SpecErrors(self.errors)
+            errors = _unique(self.errors)
+            raise errors[0] if len(errors) == 1 else SpecErrors(errors)
         return ir.Program(self.spec.file, self.spec, self.data, self.networks, self.parts, self.cuts,
-                          self.adapters, self.stages, self.evaluate)
+                          self.adapters, self.stages, self.evaluate, _unique(self.warnings))
 
     def _taken(self, name: str) -> str | None:
         if name in self.networks:
@@ -336,7 +313,8 @@ class _Checker:
         if settings.get("map_channels") and len([n for n in objectives if n in self.cuts]) < 2:
             pos = next(st.pos for st in s.settings if st.key == "map_channels")
             self.error("map_channels needs two or more cut networks minimised in this train block", pos)
-        optimizer = settings.pop("optimizer") or ir.OptimizerDecl("adam", dict(OPTIMIZERS["adam"]), s.pos)
+        default = ir.OptimizerDecl(DEFAULT_OPTIMIZER, dict(OPTIMIZERS[DEFAULT_OPTIMIZER]), s.pos)
+        optimizer = settings.pop("optimizer") or default
         self.stages.append(ir.Stage(
             name, s.after, objectives, optimizer, settings.pop("epochs"), settings.pop("order"),
             settings.pop("schedule"), settings, s.pos))
@@ -373,10 +351,11 @@ class _Checker:
                 raise SpecError(f"unknown {kind} '{call.func}'", call.pos,
                                 _hint(call.func, table, f"known: {', '.join(table)}"))
             kwargs = {**table[call.func], **self._const_kwargs(call.kwargs, table[call.func], f"{kind} '{call.func}'")}
-            for key in ("lr", "gamma"):
-                if key in kwargs and not (isinstance(kwargs[key], int | float) and kwargs[key] > 0):
-                    raise SpecError(f"{key} must be a number > 0, got {kwargs[key]!r}",
-                                    _kwpos(call.kwargs, key) or call.pos)
+            missing = [k for k, v in kwargs.items() if v is REQUIRED]
+            if missing:
+                raise SpecError(f"{kind} {call.func}() needs {' and '.join(f'{k}=' for k in missing)}", call.pos,
+                                "e.g. step(every=60, gamma=0.1) or multistep(milestones=[60, 120, 160])")
+            _check_hyperparameters(call, kwargs)
             return ir.OptimizerDecl(call.func, kwargs, call.pos)
         if kind == "measure":
             from xdsl.mapping import MEASURES
@@ -428,7 +407,19 @@ class _Checker:
                 raise SpecError(f"minimize needs a loss, got {_kind(v)}", m.objective.pos,
                                 "wrap paths in a loss such as ce(path, y)")
             _no_snapshots(v.term, m.objective.pos)
+            self._gradient_flow(v.term, wrt.name, m.objective.pos)
             objectives[wrt.name] = v.term
+
+    def _gradient_flow(self, term: ir.Term, net: str, pos: Pos) -> None:
+        """No term can train `net`: an error; some terms cannot: a warning each (see xdsl.lang.flow)."""
+        dead, live = dead_terms(term, net, self.adapters, self.parts)
+        if not live:
+            first = dead[0]
+            raise SpecError(f"this objective sends no gradient into '{net}' (its parts or the adapters it owns), "
+                            f"so 'minimize ... wrt {net}' would not train it: {first.reason}", pos, first.hint)
+        for d in dead:
+            self.warnings.append(SpecWarning(f"dead loss term: {d.reason}",
+                                             d.prim.pos if d.prim.pos.line else pos, d.hint))
 
     # ---- expressions ----
     def expr(self, e: ast.Expr, env: dict[str, Any], allow_names: bool = True) -> Any:
@@ -437,7 +428,9 @@ class _Checker:
             raise SpecError("a comprehension ('... for v in ...') is only allowed inside sum() or mean()",
                             getattr(e, "pos", None))
         if not allow_names and isinstance(e, ast.Name | ast.Attribute | ast.Snapshot | ast.Call):
-            raise SpecError("expected a constant here (number, string, boolean or list)", e.pos)
+            python = {"True": "true", "False": "false"}.get(getattr(e, "id", ""))
+            raise SpecError("expected a constant here (number, string, boolean or list)", e.pos,
+                            f"booleans are written {python}" if python else None)
         return method(e, env)
 
     def e_number(self, e, env):
@@ -469,6 +462,8 @@ class _Checker:
             return NumV(math.pi)
         if e.id in self.losses or e.id in self.primitives:
             raise SpecError(f"'{e.id}' is a loss: call it, e.g. {e.id}(...)", e.pos)
+        if e.id in ("True", "False"):
+            raise SpecError(f"undefined name '{e.id}'", e.pos, f"booleans are written {e.id.lower()}")
         candidates = [k for k in env if not k.startswith("__")] + list(self.networks) + list(self.adapters)
         raise SpecError(f"undefined name '{e.id}'", e.pos,
                         _hint(e.id, candidates + ["x", "y", "pi", *ir.CLOCKS], None))
@@ -749,6 +744,42 @@ def _no_snapshots(term: ir.Term, pos: Pos) -> None:
                 raise SpecError("snapshots (net@epoch) can be evaluated but not trained", term.pos)
 
 
+def _check_hyperparameters(call: ast.Call, kwargs: dict[str, Any]) -> None:
+    """Values torch.optim would reject (or silently misread), as located errors."""
+    def where(key: str) -> Pos:
+        return _kwpos(call.kwargs, key) or call.pos
+
+    for key, value in kwargs.items():
+        if key in ("nesterov", "amsgrad"):
+            if not isinstance(value, bool):
+                raise SpecError(f"{key} must be true or false, got {value!r}", where(key))
+        elif key == "milestones":
+            if not (isinstance(value, list) and value and all(isinstance(v, int) and v >= 1 for v in value)
+                    and value == sorted(set(value))):
+                raise SpecError(f"milestones must be a list of increasing epochs >= 1, got {value!r}", where(key))
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise SpecError(f"{key} must be a number, got {value!r}", where(key))
+        elif key in ("lr", "gamma", "eps", "every") and not value > 0:
+            raise SpecError(f"{key} must be a number > 0, got {value!r}", where(key))
+        elif key in ("beta1", "beta2") and not 0 <= value < 1:
+            raise SpecError(f"{key} must be in [0, 1), got {value!r}", where(key))
+        elif not value >= 0:
+            raise SpecError(f"{key} must be >= 0, got {value!r}", where(key))
+    if kwargs.get("nesterov") and not (kwargs.get("momentum", 0) > 0 and kwargs.get("dampening", 0) == 0):
+        raise SpecError("nesterov=true needs momentum > 0 and dampening=0 (as torch.optim.SGD)", where("nesterov"),
+                        "e.g. sgd(lr=0.1, momentum=0.9, nesterov=true, weight_decay=5e-4)")
+    if "every" in kwargs and not isinstance(kwargs["every"], int):
+        raise SpecError(f"every must be a whole number of epochs, got {kwargs['every']!r}", where("every"))
+
+
+def _unique(problems: list) -> list:
+    """Sorted by position, each (position, message) once: a loss used by three objectives errs once."""
+    seen: dict[tuple, SpecError] = {}
+    for p in problems:
+        seen.setdefault((p.pos, p.message), p)
+    return sorted(seen.values(), key=lambda e: (e.pos.line, e.pos.col) if e.pos else (0, 0))
+
+
 def _hint(name: str, candidates, fallback: str | None) -> str | None:
     close = did_you_mean(name, list(candidates))
     return f"did you mean '{close}'?" if close else fallback
@@ -758,9 +789,17 @@ def _kwpos(kwargs: tuple[ast.Keyword, ...], name: str) -> Pos | None:
     return next((k.value.pos for k in kwargs if k.name == name), None)
 
 
-def check(spec: ast.Spec) -> ir.Program:
-    """Expand macros, then check the spec; raise SpecError / SpecErrors listing every problem found."""
-    return _Checker(expand_macros(spec)).run()
+def check(spec: ast.Spec, *, strict: bool = False) -> ir.Program:
+    """Expand macros, then check the spec; raise SpecError / SpecErrors listing every problem found.
+
+    Warnings (loss terms that cannot train their network, ...) are kept in `Program.warnings`;
+    with `strict` they are errors.
+    """
+    program = _Checker(expand_macros(spec)).run()
+    if strict and program.warnings:
+        errors = [w.as_error() for w in program.warnings]
+        raise errors[0] if len(errors) == 1 else SpecErrors(errors)
+    return program
 
 
 def path_of(program: ir.Program, expr: ast.Expr) -> ir.Path:

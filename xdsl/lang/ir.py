@@ -217,6 +217,7 @@ class Program:
     adapters: dict[str, AdapterDecl]
     stages: list[Stage]
     evaluate: list[EvalItem]
+    warnings: list = field(default_factory=list)  # SpecWarning: located problems that do not stop the spec
 
     def natural_path(self, net: str, upto: int | None = None, epoch: int | None = None) -> Path:
         """The network's own chain of parts: its first `upto` parts (all of them by default)."""

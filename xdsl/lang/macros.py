@@ -24,15 +24,15 @@ from collections.abc import Callable
 from xdsl.errors import Pos, SpecError
 from xdsl.lang import ast
 from xdsl.lang.format import format_expr
+from xdsl.lang.settings import TRAIN_KEYS
 from xdsl.registry import Registry, did_you_mean
 
 __all__ = ["MACROS", "macro", "expand_macros"]
 
 MACROS: Registry[Callable[[ast.MacroCall, dict[str, str]], str]] = Registry("macro")
 
-# the train-block settings every training macro passes through unchanged
-_TRAIN_KEYS = ("optimizer", "epochs", "order", "schedule", "grad_clip", "max_steps", "eval_every", "map_channels",
-               "accumulate")
+# the train-block settings every training macro passes through unchanged (the one table of them)
+_TRAIN_KEYS = TRAIN_KEYS
 
 
 def macro(*params: str, needs_spec: bool = False):

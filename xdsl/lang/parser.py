@@ -301,13 +301,60 @@ def parse_file(path: str | Path) -> ast.Spec:
     return parse(text, str(path))
 
 
+_CLOSERS = {"(": ")", "[": "]", "{": "}"}
+
+
+def _open_bracket(text: str, end: int) -> tuple[int, int, str] | None:
+    """(line, col, char) of the innermost bracket still open at offset `end`; strings and comments skipped."""
+    stack: list[tuple[int, int, str]] = []
+    line, col, i = 1, 1, 0
+    in_string = False
+    while i < min(end, len(text)):
+        ch = text[i]
+        if in_string:
+            if ch == "\\":
+                i, col = i + 1, col + 1
+            elif ch == '"' or ch == "\n":
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch == "#":
+            while i + 1 < len(text) and text[i + 1] != "\n":
+                i += 1
+        elif ch in _CLOSERS:
+            stack.append((line, col, ch))
+        elif ch in _CLOSERS.values() and stack and _CLOSERS[stack[-1][2]] == ch:
+            stack.pop()
+        line, col = (line + 1, 1) if ch == "\n" else (line, col + 1)
+        i += 1
+    return stack[-1] if stack else None
+
+
+def _unclosed(e: UnexpectedInput, text: str, file: str, line: int, expected: str) -> SpecError | None:
+    """An error after a line break that only a closing bracket would fix: report the open bracket."""
+    end = len(text) if isinstance(e, UnexpectedEOF) or getattr(getattr(e, "token", None), "type", "") == "$END" \
+        else getattr(e, "pos_in_stream", None)
+    opened = _open_bracket(text, end) if end is not None else None
+    if opened is None or f"'{_CLOSERS[opened[2]]}'" not in expected or opened[0] >= line:
+        return None
+    where = "the end of the file" if end == len(text) else f"line {line}"
+    return SpecError(f"'{opened[2]}' is never closed", Pos(file, opened[0], opened[1]),
+                     f"add the matching '{_CLOSERS[opened[2]]}'; the statement runs on to {where}")
+
+
 def _syntax_error(e: UnexpectedInput, text: str, file: str) -> SpecError:
     line, col = getattr(e, "line", 1), getattr(e, "column", 1)
+    if isinstance(e, UnexpectedEOF | UnexpectedToken):
+        eof = isinstance(e, UnexpectedEOF) or e.token.type == "$END"
+        err_line = len(text.rstrip().splitlines() or [""]) + 1 if eof else line
+        unclosed = _unclosed(e, text, file, err_line, _expected(e.expected if eof else (e.accepts or e.expected)))
+        if unclosed is not None:
+            return unclosed
     if isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type == "$END"):
         lines = text.rstrip().splitlines() or [""]
         line, col = len(lines), len(lines[-1]) + 1
         return SpecError(f"unexpected end of file; {_expected(e.expected)}", Pos(file, line, col),
-                         hint="an unclosed '(', '[' or '{'?")
+                         hint="an unclosed '(', '[' or '{'?" if _open_bracket(text, len(text)) else None)
     if isinstance(e, UnexpectedToken):
         found = e.token.type
         what = f"'{e.token}'" if found not in ("NAME", "NUMBER", "STRING") else \

@@ -59,6 +59,11 @@ def _write_error(path: Path, e: OSError) -> XdslError:
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (`weights_only=True`); unreadable files are an XdslError naming the file."""
+    if Path(path).is_dir():
+        inside = [p.name for p in (Path(path) / "final.pt", Path(path) / "last.pt") if p.is_file()]
+        raise XdslError(f"checkpoint '{path}' is a directory, not a checkpoint file",
+                        hint=f"use {Path(path) / inside[0]}" if inside else
+                        "give a file such as <run>/checkpoints/<block>/final.pt")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from xdsl.compile.weights import state_mismatch
 from xdsl.console import make_console, print_table
 from xdsl.data import build_data
 from xdsl.errors import SpecError, XdslError
@@ -24,11 +25,13 @@ def evaluate_checkpoint(spec: Path, checkpoint: Path, *, device: str = "auto",
     dev = pick_device(device)
     compiled = compile_program(spec, device=dev, allow_imports=allow_imports)
     state = load_checkpoint(checkpoint, dev)
-    try:
-        compiled.root.load_state_dict(state["modules"])
-    except (KeyError, RuntimeError) as e:
-        raise XdslError(f"checkpoint '{checkpoint}' does not fit the spec's modules: {str(e).splitlines()[0]}") \
-            from None
+    modules = state.get("modules") if isinstance(state, dict) else None
+    problem = "it is not an xdsl checkpoint (no 'modules')" if not isinstance(modules, dict) else \
+        state_mismatch(compiled.root.state_dict(), modules)
+    if problem:
+        raise XdslError(f"checkpoint '{checkpoint}' does not fit the spec's modules: {problem}",
+                        hint="evaluate a checkpoint with the spec that wrote it (its run directory's spec.xspec)")
+    compiled.root.load_state_dict(modules)
     exp = Experiment(compiled)
     if state.get("stage") in {s.name for s in compiled.program.stages}:
         exp.use_stage(state["stage"])  # evaluate as that block left things (e.g. which adapters link parts)

@@ -31,6 +31,7 @@ from xdsl.eval.summary import print_run_summary, summary_rows
 from xdsl.experiment import Experiment, compile_program
 from xdsl.lang import ir
 from xdsl.lang.format import format_spec
+from xdsl.lang.settings import describe_stage, resolved_spec
 from xdsl.report import write_report
 from xdsl.rundir import RunDir
 from xdsl.trackers import check_available
@@ -155,6 +156,8 @@ def _restore(b: _Block, initial_state: dict[str, Any]) -> bool:
     if stage.settings.get("map_channels") and state is None:
         _map_channels(b)
     b.exp.use_stage(stage.name)
+    b.logger.console.print(f"train {stage.name}: {describe_stage(stage)}", markup=False, highlight=False,
+                           soft_wrap=True)
     if state is not None and state.get("done") and b.run.final(stage.name).exists():
         root.load_state_dict(load_checkpoint(b.run.final(stage.name), b.device)["modules"])
         set_rng_state(state["rng"])  # later blocks draw what they drew in the uninterrupted run
@@ -461,7 +464,7 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
     program, run = exp.program, RunDir(out)
     bundle, sampler = _data(spec, program, opts, seed, device)
     if opts.rank == 0:
-        run.spec.write_text(format_spec(program.spec))
+        run.spec.write_text(format_spec(resolved_spec(program)))  # every setting as it ran
         _explain(run, exp.compiled)
         env = environment(spec, device, amp=exp.amp, compile_mode=exp.compile_mode,
                           deterministic=opts.deterministic, seed=seed)

@@ -109,8 +109,8 @@ def term_weights(term: ir.Term) -> dict[str, float | None]:
 def detached(prim: ir.Prim, position: int) -> bool:
     """Whether argument `position` of a primitive is a target the loss detaches (no gradient into it)."""
     spec = LOSSES.get(prim.name)
-    if spec is None or position >= len(spec.params):
-        return False
+    if spec is None or position >= len(spec.params) or spec.params[position].kind not in ("logits", "features"):
+        return False  # labels and constants are not a gradient path either way
     args = {p.name: a for p, a in zip(spec.params, prim.args)}
     flows = getattr(spec, "carries_gradient", None)
     if flows is not None:  # the primitive declares which of its arguments carry gradient
