@@ -124,3 +124,10 @@ def test_every_shipped_spec_passes_strict(spec: Path) -> None:
     from xdsl.lang.parser import parse_file
 
     check(parse_file(spec), strict=True)
+
+
+def test_a_dead_term_with_a_scheduled_keyword_is_named_with_its_schedule() -> None:
+    """A keyword may be a schedule (`T=1 + epoch / epochs`): the warning quotes it, it does not crash."""
+    (w,) = _warnings(H + "train { minimize ce(a, y) + kl(a, b, T=1 + epoch / epochs) wrt a }")
+    assert "dead loss term: kl(a, b, T=(1.0 + (epoch / epochs))) sends no gradient into 'a'" in w
+    assert "did you mean kl(b, a, T=(1.0 + (epoch / epochs)))?" in w

@@ -85,7 +85,12 @@ def call_text(spec: LossSpec, args: dict[str, object], parts: dict[str, tuple[st
         if p.kind in ("logits", "features", "labels"):
             out.append(_arg_text(value, parts))
         elif value != p.default:
-            text = ("true" if value else "false") if isinstance(value, bool) else f"{value:g}"
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, int | float):
+                text = f"{value:g}"
+            else:  # a schedule (`T=1 + epoch / epochs`): the expression's own text
+                text = str(value)
             out.append(f"{p.name}={text}")
     return f"{spec.name}({', '.join(out)})"
 
