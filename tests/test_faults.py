@@ -21,9 +21,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from xdsl.checkpoint import load_checkpoint
 from xdsl.cli import app
 from xdsl.errors import XdslError
-from xdsl.train.checkpoint import load_checkpoint
 from xdsl.train.runner import NonFiniteLoss, RunOptions, run
 
 STEPS_PER_EPOCH = 32  # train_size 512 / batch_size 16
@@ -339,7 +339,7 @@ def test_read_only_output_directory_fails_before_training_chmod(spec, tmp_path):
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full to simulate a full disk")
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(spec, tmp_path, monkeypatch):
     """The first last.pt is written; every later one lands on /dev/full (ENOSPC from the kernel)."""
-    from xdsl.train import checkpoint
+    from xdsl import checkpoint
 
     real_mkstemp = checkpoint.tempfile.mkstemp
     calls, temp_files = [0], []
@@ -445,7 +445,7 @@ def test_a_checkpoint_from_another_spec_is_refused_by_eval(spec, reference, tmp_
 
 
 def test_checkpoint_write_errors_are_xdsl_errors(tmp_path):
-    from xdsl.train.checkpoint import save_atomic
+    from xdsl.checkpoint import save_atomic
 
     (tmp_path / "file.txt").write_text("x")
     target = tmp_path / "file.txt" / "sub" / "last.pt"

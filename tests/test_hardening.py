@@ -440,7 +440,7 @@ class _Payload:
 
 
 def test_checkpoint_with_pickled_code_is_refused(tmp_path: Path) -> None:
-    from xdsl.train.checkpoint import load_checkpoint, load_latest
+    from xdsl.checkpoint import load_checkpoint, load_latest
 
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1] / "xdsl"
 # module-name prefixes, lowest layer first; the longest matching prefix decides a module's layer
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("nouns", ("xdsl.errors", "xdsl.registry", "xdsl.losses", "xdsl.models", "xdsl.mapping", "xdsl.data",
-               "xdsl.adapters", "xdsl.shapes", "xdsl.rundir", "xdsl.distributed", "xdsl.console",
+               "xdsl.adapters", "xdsl.shapes", "xdsl.rundir", "xdsl.distributed", "xdsl.console", "xdsl.checkpoint",
                "xdsl")),  # the package root (`__version__`, errors) is imported before any module
 
     # evaluate items are language vocabulary like loss primitives: the checker reads their signatures

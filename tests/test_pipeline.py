@@ -257,7 +257,7 @@ dml(a, b, epochs=2, optimizer=sgd(lr=0.05, momentum=0.9))
 
 
 def _final(out: Path) -> dict[str, torch.Tensor]:
-    from xdsl.train.checkpoint import load_checkpoint
+    from xdsl.checkpoint import load_checkpoint
 
     return load_checkpoint(out / "checkpoints" / "dml" / "final.pt")["modules"]
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from xdsl.checkpoint import load_checkpoint
 from xdsl.cli import app
 from xdsl.lang.check import check
 from xdsl.lang.parser import parse_file
-from xdsl.train.checkpoint import load_checkpoint
 
 EPOCHS = 3
 SPEC = f"""data digits(batch_size=32, train_fraction=0.5)

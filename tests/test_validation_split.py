@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from xdsl.checkpoint import load_checkpoint
 from xdsl.data import build_data
 from xdsl.data.images import UInt8Images
 from xdsl.data.split import SplitView, dataset_labels, stratified_split, with_validation
@@ -19,7 +20,6 @@ from xdsl.eval.summary import best_note
 from xdsl.lang.check import check
 from xdsl.lang.macros import expand_macros
 from xdsl.lang.parser import parse
-from xdsl.train.checkpoint import load_checkpoint
 from xdsl.train.runner import RunOptions, run
 
 SPEC = """

@@ -31,7 +31,7 @@ def split_selector(text: str) -> tuple[str, str | None]:
 
 
 def _read(path: Path, device: str) -> Any:
-    from xdsl.train.checkpoint import load_checkpoint
+    from xdsl.checkpoint import load_checkpoint
 
     return load_checkpoint(path, "meta" if device == "meta" else "cpu")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from xdsl.checkpoint import load_checkpoint
 from xdsl.compile.weights import state_mismatch
 from xdsl.console import make_console, print_table
 from xdsl.data import build_data
@@ -13,7 +14,6 @@ from xdsl.eval.evaluate import evaluate_items
 from xdsl.eval.tables import render_results
 from xdsl.experiment import Experiment, compile_program
 from xdsl.lang import ir
-from xdsl.train.checkpoint import load_checkpoint
 from xdsl.train.device import pick_device
 
 __all__ = ["evaluate_checkpoint"]

@@ -23,6 +23,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from xdsl import distributed as ddp
+from xdsl.checkpoint import load_checkpoint, load_latest, rng_state, save_atomic, set_rng_state
 from xdsl.data import DataBundle, build_data
 from xdsl.errors import SpecError, XdslError
 from xdsl.eval.evaluate import checkpoint_snapshots, evaluate_items
@@ -36,7 +37,6 @@ from xdsl.report import write_report
 from xdsl.rundir import RunDir
 from xdsl.trackers import check_available
 from xdsl.train.channel_init import map_channels
-from xdsl.train.checkpoint import load_checkpoint, load_latest, rng_state, save_atomic, set_rng_state
 from xdsl.train.device import amp_dtype, pick_device, set_threads
 from xdsl.train.environment import environment, make_deterministic
 from xdsl.train.logger import MetricsLogger
