@@ -1,11 +1,12 @@
 """The dataset layer: named datasets with validated parameters, built into a DataBundle."""
 
 from xdsl.data.bundle import DataBundle, seed_worker
-from xdsl.data.datasets import DATASETS, build_data, dataset_params
+from xdsl.data.datasets import DATASETS, RETRIEVAL_DATASETS, build_data, dataset_params
 from xdsl.data.params import BuildContext, DataParamError
 
 __all__ = [
     "DATASETS",
+    "RETRIEVAL_DATASETS",
     "BuildContext",
     "DataBundle",
     "DataParamError",

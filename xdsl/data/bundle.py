@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xdsl.data.pipeline import DEFAULT_BUDGET, BatchedLoader, choose, epoch_order
 from xdsl.errors import XdslError
+
+if TYPE_CHECKING:
+    from xdsl.data.reid import RetrievalSplit
 
 __all__ = ["DataBundle", "seed_worker"]
 
@@ -49,6 +53,7 @@ class DataBundle:
     pipeline: str = "auto"               # auto | batched | per_sample (see pipeline.py)
     memory_budget: str = DEFAULT_BUDGET  # what the batched path may hold on the training device
     notes: list[str] = field(default_factory=list)  # e.g. an image cache that was rebuilt, and why
+    retrieval: RetrievalSplit | None = None  # query/gallery of a re-id dataset (its `test` is the query set)
     _test_loader: DataLoader | None = field(default=None, init=False, repr=False, compare=False)
     _val_loader: DataLoader | None = field(default=None, init=False, repr=False, compare=False)
     _on_device: dict[str, tuple[Tensor, Tensor]] | None = field(default=None, init=False, repr=False,

@@ -14,10 +14,11 @@ from xdsl.data.bundle import DataBundle
 from xdsl.data.images import cifar10, cifar100, tiny_imagenet
 from xdsl.data.params import BuildContext, DataParamError, check_kwargs, require
 from xdsl.data.pipeline import DEFAULT_BUDGET, PIPELINES, batchable, parse_budget
+from xdsl.data.reid import market1501, synthetic_reid
 from xdsl.data.split import with_validation
 from xdsl.registry import Registry
 
-__all__ = ["DATASETS", "VAL_FRACTION", "build_data", "dataset_params", "digits", "synthetic"]
+__all__ = ["DATASETS", "RETRIEVAL_DATASETS", "VAL_FRACTION", "build_data", "dataset_params", "digits", "synthetic"]
 
 VAL_FRACTION = "val_fraction"  # the parameter every dataset takes: share of the train set held out
 
@@ -106,8 +107,10 @@ def synthetic(
 
 DATASETS: Registry[Callable[..., DataBundle]] = Registry("dataset")
 """Dataset factories `f(ctx, *, keyword=default, ...) -> DataBundle`; their keywords are what a spec may pass."""
-for _factory_fn in (digits, synthetic, cifar10, cifar100, tiny_imagenet):
+for _factory_fn in (digits, synthetic, cifar10, cifar100, tiny_imagenet, market1501, synthetic_reid):
     DATASETS.register(_factory_fn.__name__, _factory_fn)
+RETRIEVAL_DATASETS = frozenset({"market1501", "synthetic_reid"})
+"""Re-id datasets: evaluated by `retrieval(...)` on their query/gallery split, not by test accuracy."""
 
 
 def _factory(name: str) -> Callable[..., DataBundle]:
