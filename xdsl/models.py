@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from xdsl.errors import XdslError
 from xdsl.registry import Registry
 
-__all__ = ["MODELS", "BasicBlock", "CNN", "ResNet", "MLP", "cnn", "resnet", "mlp"]
+__all__ = ["MODELS", "BasicBlock", "CNN", "ResNet", "MLP", "cnn", "resnet", "mlp", "mobilenet_v1", "inception_v1"]
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 """Model constructors by full spec reference (`builtin.cnn`, ...); `build_model` looks here first."""
@@ -129,3 +129,19 @@ def resnet(depth: int = 8, num_classes: int = 10, in_channels: int = 3, width: i
 def mlp(num_classes: int = 10, in_features: int = 64, hidden: int = 128) -> MLP:
     """MLP for flattened inputs (64 features = 8x8 digits)."""
     return MLP(num_classes=num_classes, in_features=in_features, hidden=hidden)
+
+
+@MODELS.register("builtin.mobilenet_v1")
+def mobilenet_v1(num_classes: int = 1000, in_channels: int = 3, width: float = 1.0, dropout: float = 0.0) -> nn.Module:
+    """MobileNet v1, the DML paper's compact student (3.3M parameters with 100 classes, as its Table 1)."""
+    from xdsl.mobilenet import MobileNetV1
+
+    return MobileNetV1(num_classes=num_classes, in_channels=in_channels, width=width, dropout=dropout)
+
+
+@MODELS.register("builtin.inception_v1")
+def inception_v1(num_classes: int = 1000, dropout: float = 0.2) -> nn.Module:
+    """InceptionV1: torchvision's GoogLeNet with its auxiliary heads off (the DML paper's large network)."""
+    from xdsl.mobilenet import inception_v1 as make
+
+    return make(num_classes=num_classes, dropout=dropout)
