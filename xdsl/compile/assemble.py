@@ -36,8 +36,13 @@ def input_shape_of(program: ir.Program) -> tuple[int, ...]:
     """The shape of one input sample, from the `data` statement alone."""
     if program.data is None:
         return DEFAULT_INPUT_SHAPE
-    if program.data.name == "synthetic":
-        return tuple(program.data.kwargs.get("shape", [3, 8, 8]))
+    if program.data.name in ("synthetic", "synthetic_reid"):
+        from xdsl.data import dataset_params
+
+        return tuple(program.data.kwargs.get("shape", dataset_params(program.data.name)["shape"]))
+    if program.data.name == "market1501":
+        kw = program.data.kwargs
+        return (3, int(kw.get("height", 224)), int(kw.get("width", 224)))
     return _INPUT_SHAPES.get(program.data.name, DEFAULT_INPUT_SHAPE)
 
 
