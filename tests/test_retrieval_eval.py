@@ -90,7 +90,7 @@ def test_scores_per_path_and_concatenated_ensemble_match_hand_embedded_features(
     q = torch.cat([F.normalize(feats[k][0], dim=1) for k in feats], dim=1)
     g = torch.cat([F.normalize(feats[k][1], dim=1) for k in feats], dim=1)
     want = retrieval_scores(q, g, *ids, metric="cosine", ranks=[1, 5])
-    ens = rows["ensemble (concat)"]
+    ens = rows["ensemble(a, b, a.up >> b.down)"]
     assert ens["dim"] == 48 and ens["mAP"] == pytest.approx(want.mAP) and ens["rank5"] == pytest.approx(want.cmc[5])
     assert res["queries"] == 15 and rows["a"]["queries"] == 15  # every test identity is seen by another camera
 
@@ -105,8 +105,9 @@ def test_mean_ensemble_averages_features_and_euclidean_uses_raw_features(exp):
                 for t in (split.query.tensors[0], split.gallery.tensors[0]))
     want = retrieval_scores(q, g, split.query_ids, split.query_cams, split.gallery_ids, split.gallery_cams,
                             metric="euclidean")
-    assert res["rows"][-1]["label"] == "ensemble (mean)"
-    assert res["rows"][-1]["mAP"] == pytest.approx(want.mAP) and res["rows"][-1]["rank10"] == pytest.approx(want.cmc[10])
+    assert res["rows"][-1]["label"] == "ensemble(a, b)" and res["ensemble"] == "mean"
+    ens = res["rows"][-1]
+    assert ens["mAP"] == pytest.approx(want.mAP) and ens["rank10"] == pytest.approx(want.cmc[10])
 
 
 def test_market1501_end_to_end_through_mobilenet(tmp_path: Path):

@@ -129,7 +129,7 @@ class Experiment:
         self._params_shared = self._shares_params()
         self.optimizers = {net: make_optimizer(stage.optimizer, self.params[net], self.device)
                            for net in stage.trained}
-        self.schedulers = {net: make_scheduler(stage.schedule, opt, stage.epochs)
+        self.schedulers = {net: make_scheduler(stage.schedule, opt, stage.settings.get("steps") or stage.epochs)
                            for net, opt in self.optimizers.items()}
         self.scalers = {net: torch.amp.GradScaler(self.device.type) for net in stage.trained} \
             if self.amp == torch.float16 else {}
@@ -389,6 +389,11 @@ class Experiment:
         per term: call once per epoch, not per step)."""
         return {net: {t: float(torch.stack(vs).float().mean()) for t, vs in terms.items()}
                 for net, terms in self.term_values.items()}
+
+    @property
+    def schedule_per_step(self) -> bool:
+        """Under a `steps N` budget schedules count optimisation steps (`step(every=...)` in steps), else epochs."""
+        return bool(self.stage.settings.get("steps"))
 
     def scheduler_step(self) -> None:
         for sched in self.schedulers.values():

@@ -88,7 +88,8 @@ def _with_lr(train: ast.Train, value: ast.Expr, pos: Pos) -> ast.Train:
 def _with_setting(train: ast.Train, key: str, value: ast.Expr, pos: Pos) -> ast.Train:
     if key == "lr":
         return _with_lr(train, value, pos)
-    settings = tuple(s for s in train.settings if s.key != key) + (ast.Setting(key, value, pos),)
+    budget = {"epochs", "steps"} if key in ("epochs", "steps") else {key}  # one replaces the other
+    settings = tuple(s for s in train.settings if s.key not in budget) + (ast.Setting(key, value, pos),)
     return dataclasses.replace(train, settings=settings)
 
 

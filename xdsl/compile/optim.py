@@ -31,7 +31,11 @@ def make_optimizer(decl: ir.OptimizerDecl, params: list[nn.Parameter], device: t
 
 def make_scheduler(decl: ir.OptimizerDecl | None, optimizer: torch.optim.Optimizer,
                    epochs: int) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """Epoch-based schedules: `step(every=60, gamma=0.1)` is the DML paper's x0.1 every 60 epochs."""
+    """Schedules over `epochs` units: `step(every=60, gamma=0.1)` is the DML paper's x0.1 every 60 epochs.
+
+    Under a `steps N` budget the unit is one optimisation step (the runner steps the schedule per step and
+    passes N here), so `every`, `milestones` and `warmup` count steps.
+    """
     if decl is None or decl.name == "none":
         return None
     kw = decl.kwargs

@@ -140,6 +140,13 @@ class DataBundle:
             self._val_loader = DataLoader(self.val, shuffle=False, **self._loader_kwargs())
         return self._val_loader
 
+    def plain_train_loader(self) -> DataLoader:
+        """The training set in order and without augmentation: the training loss as a model sees its data
+        (flatness on the training loss, the DML paper's Figure 3)."""
+        view = getattr(self.train, "eval_view", None)  # augmented datasets give their unaugmented view
+        train = view() if callable(view) else self.train
+        return DataLoader(train, shuffle=False, **self._loader_kwargs())
+
     def sample_batch(self, n: int = 2) -> tuple[Tensor, Tensor]:
         """The first `n` test samples as a batch: cheap, deterministic input for shape inference."""
         count = min(int(n), len(self.test))  # type: ignore[arg-type]

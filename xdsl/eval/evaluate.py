@@ -26,7 +26,8 @@ from xdsl.rundir import RunDir
 if TYPE_CHECKING:
     from xdsl.experiment import Experiment
 
-__all__ = ["evaluate_items", "evaluate_program", "checkpoint_snapshots", "find_items", "SnapshotState"]
+__all__ = ["evaluate_items", "evaluate_program", "default_items", "checkpoint_snapshots", "find_items",
+           "SnapshotState"]
 
 
 def _module_modes(exp: Experiment) -> list[tuple[nn.Module, bool]]:
@@ -50,15 +51,17 @@ def _plan(spec: ir.EvalItem, index: int, ctx: Context, job: Pass) -> EvaluateIte
 
 def evaluate_items(exp: Experiment, loader: Iterable, items: Sequence[ir.EvalItem], *,
                    device: str | torch.device | None = None, max_batches: int | None = None,
-                   snapshot_state: SnapshotState | None = None, seed: int = 0) -> dict[str, Any]:
+                   snapshot_state: SnapshotState | None = None, seed: int = 0, data: Any = None) -> dict[str, Any]:
     """Evaluate `items` on `loader` in eval mode without gradients; JSON-serialisable results.
 
     `device` is where batches go (default: the experiment's device); `max_batches` caps every pass;
     `snapshot_state(net, epoch)` supplies the weights of snapshot networks (`net1@10`); `seed` makes
-    the flatness noise reproducible. Weights and train/eval modes are as before when this returns.
+    the flatness noise reproducible; `data` (the DataBundle) gives `retrieval` its query/gallery split
+    and `flatness(split="train")` the training set. Weights and train/eval modes are as before when this
+    returns.
     """
     dev = torch.device(device) if device is not None else torch.device(exp.device)
-    ctx = Context(exp, Engine(exp, snapshot_state, dev, max_batches), loader, dev, seed)
+    ctx = Context(exp, Engine(exp, snapshot_state, dev, max_batches), loader, dev, seed, data)
     modes = _module_modes(exp)
     job = Pass()
     try:
@@ -74,6 +77,12 @@ def evaluate_items(exp: Experiment, loader: Iterable, items: Sequence[ir.EvalIte
             m.train(training)
     return {"num_samples": job.num_samples, "num_batches": job.num_batches, "device": str(dev),
             "items": _jsonable(results)}
+
+
+def default_items(data: Any, pos: Any = None) -> list[ir.EvalItem]:
+    """What a spec without an `evaluate` statement gets: test accuracy, or retrieval for re-id data."""
+    kind = "retrieval" if getattr(data, "retrieval", None) is not None else "accuracy"
+    return [ir.EvalItem(kind, (), dict(EVALUATIONS.get(kind).keywords), pos)]
 
 
 def evaluate_program(exp: Experiment, loader: Iterable, **kwargs: Any) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from xdsl.eval.paths import path_label
@@ -44,6 +44,8 @@ class Context:
     loader: Iterable            # the test batches of this process
     device: torch.device
     seed: int = 0               # makes random draws (flatness noise) reproducible
+    data: Any = None            # the DataBundle: re-id query/gallery split, the plain training set
+    shared: dict[str, Any] = field(default_factory=dict)   # what items of one evaluation share (features)
 
 
 class EvaluateItem:
@@ -69,6 +71,13 @@ class EvaluateItem:
     def check_keywords(cls, kwargs: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
         """(keyword, message, hint) when a keyword's value is wrong beyond its type, else None."""
         return None
+
+    @classmethod
+    def split(cls, kwargs: Mapping[str, Any]) -> str:
+        """The data the item scores: "test" (a labelled test split of the training classes), "train",
+        "query/gallery" (re-id retrieval) or "any" (features only). The checker keeps re-id data and
+        test-split items apart with it."""
+        return "test"
 
     # ---- evaluation ----
     @property

@@ -27,9 +27,8 @@ from xdsl.errors import XdslError
 from xdsl.eval.retrieval_metrics import METRICS, retrieval_scores
 from xdsl.lang import ir
 
-__all__ = ["ENSEMBLES", "POOLING", "FeaturePaths", "default_feature", "embed", "evaluate_retrieval"]
+__all__ = ["POOLING", "FeaturePaths", "default_feature", "embed", "evaluate_retrieval"]
 
-ENSEMBLES = ("concat", "mean", "none")
 POOLING = (nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool1d)
 
 
@@ -118,8 +117,13 @@ def _combine(features: list[tuple[Tensor, Tensor]], how: str, metric: str) -> tu
 def evaluate_retrieval(features: FeaturePaths, split: Any, paths: Sequence[ir.Path], labels: Sequence[str], *,
                        feature: str = "", metric: str = "cosine", ensemble: str = "concat",
                        ranks: Sequence[int] = (1, 5, 10), batch_size: int = 64,
-                       device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Scores of every path and of their ensemble on a RetrievalSplit; plain JSON data, one row per path."""
+                       device: torch.device | str = "cpu",
+                       cache: dict[tuple[str, str], tuple[Tensor, Tensor]] | None = None) -> dict[str, Any]:
+    """Scores of every path and of their ensemble on a RetrievalSplit; plain JSON data, one row per path.
+
+    `cache` keeps (query, gallery) features by (path, feature) across items of one evaluation: a cohort's
+    networks appear in several items and are embedded once.
+    """
     if metric not in METRICS:
         raise XdslError(f"unknown retrieval metric '{metric}'", hint=f"metrics: {', '.join(METRICS)}")
     device = torch.device(device)
@@ -129,9 +133,14 @@ def evaluate_retrieval(features: FeaturePaths, split: Any, paths: Sequence[ir.Pa
     for path, label in zip(paths, labels):
         row: dict[str, Any] = {"path": str(path), "label": label}
         try:
-            modules = features.modules(path, feature)
             row["feature"] = features.feature_name(path, feature)
-            q, g = embed(modules, query_loader, device), embed(modules, gallery_loader, device)
+            key = (str(path), row["feature"])
+            if cache is None or key not in cache:
+                modules = features.modules(path, feature)
+                embedded = embed(modules, query_loader, device), embed(modules, gallery_loader, device)
+                if cache is not None:
+                    cache[key] = embedded
+            q, g = cache[key] if cache is not None else embedded
         except (XdslError, RuntimeError) as e:
             rows.append({**row, "status": f"n/a ({getattr(e, 'message', None) or str(e).splitlines()[0]})"})
             continue
@@ -140,7 +149,7 @@ def evaluate_retrieval(features: FeaturePaths, split: Any, paths: Sequence[ir.Pa
     out: dict[str, Any] = {"kind": "retrieval", "metric": metric, "ensemble": ensemble, "ranks": sorted(ranks),
                            "queries": len(split.query_ids), "gallery": len(split.gallery_ids), "rows": rows}
     if ensemble != "none" and len(paths) > 1:
-        row = {"path": f"ensemble({', '.join(str(p) for p in paths)})", "label": f"ensemble ({ensemble})"}
+        row = {"path": f"ensemble({', '.join(str(p) for p in paths)})", "label": f"ensemble({', '.join(labels)})"}
         if len(kept) == len(paths):
             try:
                 rows.append(_scored(row, *_combine(kept, ensemble, metric), ids, metric, ranks))

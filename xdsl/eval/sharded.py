@@ -92,7 +92,7 @@ def evaluate_sharded(exp: Experiment, bundle: DataBundle, items: list[ir.EvalIte
     if rank != 0:
         return {"items": []}
     whole = evaluate_items(exp, bundle.test_loader(), rest, device=device,
-                           snapshot_state=snapshot_state) if rest else {"items": []}
+                           snapshot_state=snapshot_state, data=bundle) if rest else {"items": []}
     merged = iter(merge_shards(shards)["items"] if shardable else [])
     others = iter(whole["items"])
     return {"num_samples": len(bundle.test), "device": str(device), "processes": world,

@@ -75,7 +75,9 @@ def print_run_summary(all_results: list[dict[str, Any]], quiet: bool = False, sh
                 print_table(console, table)
     columns, values = summary_rows(all_results)
     n = len(all_results)
-    table = Table(title="results: top-1 test accuracy (%)" + (f", mean ± std over {n} seeds" if n > 1 else "")
+    reid = any(c.endswith((" R1", " mAP")) for c in columns)  # retrieval columns (re-id data)
+    what = "retrieval Rank-1 (R1) and mAP (%)" if reid else "top-1 test accuracy (%)"
+    table = Table(title=f"results: {what}" + (f", mean ± std over {n} seeds" if n > 1 else "")
                   + f"; last epoch, {best_note(all_results)}")
     if len(columns) <= 8:  # one row per train block
         table.add_column("train block", no_wrap=True)

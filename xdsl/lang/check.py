@@ -334,6 +334,10 @@ class _Checker:
                 out[st.key] = self._setting(st)
             except SpecError as e:
                 self.errors.append(e)
+        if {"epochs", "steps"} <= seen:
+            pos = next(st.pos for st in s.settings if st.key == "steps")
+            self.error("a train block gives either 'epochs' or 'steps', not both", pos,
+                       "steps N trains N optimisation steps (the last epoch is cut short); epochs N, N full passes")
         return out
 
     def _setting(self, st: ast.Setting) -> Any:

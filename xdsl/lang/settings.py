@@ -43,6 +43,7 @@ SCHEDULES: dict[str, dict[str, Any]] = {
 SETTINGS: dict[str, tuple[str, Any]] = {
     "optimizer": ("optimizer", None),
     "epochs": ("int>=1", 1),
+    "steps": ("int>=1", None),          # an iteration budget instead of epochs (the DML paper: 100,000)
     "order": ("order", "alternating"),
     "schedule": ("schedule", None),
     "grad_clip": ("number>0", None),
@@ -73,7 +74,8 @@ def _call(decl: ir.OptimizerDecl) -> ast.Expr:
 def resolved_settings(stage: ir.Stage) -> tuple[ast.Setting, ...]:
     """Every setting of a checked train block, defaults written out (settings that are off are left out)."""
     schedule = stage.schedule or ir.OptimizerDecl("none", {}, stage.pos)
-    out = [ast.Setting("optimizer", _call(stage.optimizer)), ast.Setting("epochs", ast.Number(stage.epochs)),
+    budget = [] if stage.settings.get("steps") else [ast.Setting("epochs", ast.Number(stage.epochs))]  # or steps
+    out = [ast.Setting("optimizer", _call(stage.optimizer)), *budget,
            ast.Setting("order", ast.Name(stage.order)), ast.Setting("schedule", _call(schedule))]
     for key in TRAIN_KEYS:
         value = stage.settings.get(key)

@@ -10,10 +10,9 @@ from xdsl.compile.weights import state_mismatch
 from xdsl.console import make_console, print_table
 from xdsl.data import build_data
 from xdsl.errors import SpecError, XdslError
-from xdsl.eval.evaluate import evaluate_items
+from xdsl.eval.evaluate import default_items, evaluate_items
 from xdsl.eval.tables import render_results
 from xdsl.experiment import Experiment, compile_program
-from xdsl.lang import ir
 from xdsl.train.device import pick_device
 
 __all__ = ["evaluate_checkpoint"]
@@ -39,8 +38,8 @@ def evaluate_checkpoint(spec: Path, checkpoint: Path, *, device: str = "auto",
     if program.data is None:
         raise SpecError("the spec has no 'data' statement, so it cannot be evaluated", None)
     bundle = build_data(program.data.name, program.data.kwargs, spec_dir=Path(spec).resolve().parent)
-    items = program.evaluate or [ir.EvalItem("accuracy", (), {}, None)]
-    results = evaluate_items(exp, bundle.test_loader(), items, device=dev)
+    items = program.evaluate or default_items(bundle)
+    results = evaluate_items(exp, bundle.test_loader(), items, device=dev, data=bundle)
     console = make_console()
     for table in render_results(results):
         print_table(console, table)

@@ -26,7 +26,7 @@ from xdsl import distributed as ddp
 from xdsl.checkpoint import load_checkpoint, load_latest, rng_state, save_atomic, set_rng_state
 from xdsl.data import DataBundle, build_data
 from xdsl.errors import SpecError, XdslError
-from xdsl.eval.evaluate import checkpoint_snapshots, evaluate_items
+from xdsl.eval.evaluate import checkpoint_snapshots, default_items, evaluate_items
 from xdsl.eval.sharded import epoch_accuracy, evaluate_sharded, shard_loader
 from xdsl.eval.summary import print_run_summary, summary_rows
 from xdsl.experiment import Experiment, compile_program
@@ -108,6 +108,8 @@ class _Block:
     steps_done: int = 0
     best: dict[str, dict[str, float]] = field(default_factory=dict)
     best_states: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)  # epoch -> weights (best.pt)
+    epochs: int = 0                      # `epochs N`, or as many as a `steps N` budget needs
+    per_epoch: int = 0                   # optimisation steps in a full epoch
 
     @property
     def last(self) -> Path:
@@ -125,11 +127,12 @@ def train_block(b: _Block, initial_state: dict[str, Any], snapshots: bool) -> di
     """Train one block (resuming if a checkpoint exists); return its per-network best accuracies."""
     if _restore(b, initial_state):
         return b.best
+    b.per_epoch, b.epochs = _budget(b)
     test_loader = shard_loader(b.bundle, b.opts.rank, b.opts.world_size)
     val_loader = shard_loader(b.bundle, b.opts.rank, b.opts.world_size, "val") if b.bundle.val is not None \
         else None
     with _progress(b) as progress:
-        for epoch in range(b.start_epoch, b.stage.epochs):
+        for epoch in range(b.start_epoch, b.epochs):
             train_loss, seconds = _train_epoch(b, epoch, progress)
             _end_epoch(b, epoch, train_loss, seconds, test_loader, val_loader)
             _checkpoint(b, epoch + 1, 0)
@@ -140,9 +143,20 @@ def train_block(b: _Block, initial_state: dict[str, Any], snapshots: bool) -> di
     _print_terms(b)
     if b.is_main:
         save_atomic({"modules": b.exp.compiled.root.state_dict(), "stage": b.stage.name}, b.run.final(b.stage.name))
-    _checkpoint(b, b.stage.epochs, 0, done=True)
+    _checkpoint(b, b.epochs, 0, done=True)
     ddp.barrier()  # later blocks (`after`) and resumes read rank 0's files
     return b.best
+
+
+def _budget(b: _Block) -> tuple[int, int]:
+    """Steps per epoch and epochs: `epochs N`, or enough epochs for `steps N` (the last one cut short)."""
+    accumulate = b.stage.settings.get("accumulate") or 1  # a step is `accumulate` batches, the last one fewer
+    per_epoch = math.ceil(len(b.bundle.train_loader(epoch_seed=0, sampler=b.sampler)) / accumulate)
+    if b.stage.settings.get("max_steps"):
+        per_epoch = min(per_epoch, b.stage.settings["max_steps"])
+    if not b.stage.settings.get("steps"):
+        return per_epoch, b.stage.epochs
+    return per_epoch, math.ceil(b.stage.settings["steps"] / max(per_epoch, 1))
 
 
 def _restore(b: _Block, initial_state: dict[str, Any]) -> bool:
@@ -224,7 +238,9 @@ def _train_epoch(b: _Block, epoch: int, progress: Progress) -> tuple[dict[str, f
     accumulate = stage.settings.get("accumulate") or 1  # micro-batches per optimisation step
     max_steps = stage.settings.get("max_steps")
     n_batches = len(loader) if max_steps is None else min(len(loader), max_steps * accumulate)
-    task = progress.add_task(f"{stage.name} {epoch + 1}/{stage.epochs}", total=n_batches, info="")
+    if stage.settings.get("steps"):  # the last epoch of a step budget stops at the budget
+        n_batches = min(n_batches, (stage.settings["steps"] - epoch * b.per_epoch) * accumulate)
+    task = progress.add_task(f"{stage.name} {epoch + 1}/{b.epochs}", total=n_batches, info="")
     b.exp.set_train_mode(True)
     b.exp.epoch = epoch  # schedules in losses (`epoch`, `step` is the experiment's step count)
     b.exp.reset_term_sums()
@@ -276,6 +292,8 @@ def _step(b: _Block, group: list[tuple[torch.Tensor, torch.Tensor]], epoch: int,
         raise KeyboardInterrupt
     group = [_to_device(b, x, y) for x, y in group]
     losses = b.exp.train_step(*group[0]) if len(group) == 1 else b.exp.accumulate_step(group)
+    if b.exp.schedule_per_step:  # under `steps N` schedules count optimisation steps
+        b.exp.scheduler_step()
     b.steps_done += 1
     if b.device.type == "cpu" or b.steps_done % b.opts.log_every == 0:
         _check_finite(b, losses, epoch, batch)
@@ -307,20 +325,21 @@ def _check_finite(b: _Block, losses: dict[str, torch.Tensor], epoch: int, step: 
 
 def _end_epoch(b: _Block, epoch: int, train_loss: dict[str, float], seconds: float, test_loader: Any,
                val_loader: Any = None) -> None:
-    """Schedules step; test (and validation) accuracy every `eval_every` epochs and the last; metrics rows;
-    best epoch."""
+    """Schedules step (per epoch; per step under `steps N`); test (and validation) accuracy every `eval_every`
+    epochs and the last, none on re-id data (its test identities are not its classes); metrics rows; best epoch."""
     exp, stage = b.exp, b.stage
     lrs = {n: o.param_groups[0]["lr"] for n, o in exp.optimizers.items()}  # this epoch's, logged below
-    exp.scheduler_step()
+    if not exp.schedule_per_step:
+        exp.scheduler_step()
     eval_every = stage.settings.get("eval_every") or 1
-    due = (epoch + 1) % eval_every == 0 or epoch + 1 == stage.epochs
+    due = b.bundle.retrieval is None and ((epoch + 1) % eval_every == 0 or epoch + 1 == b.epochs)
     acc = epoch_accuracy(exp, test_loader, b.device) if due else {}
     val_acc = epoch_accuracy(exp, val_loader, b.device) if due and val_loader is not None else {}
     terms = exp.term_means()
     for net in exp.networks:
         if net not in stage.trained and net not in acc:
             continue
-        row = {"stage": stage.name, "epoch": epoch + 1, "network": net,
+        row = {"stage": stage.name, "epoch": epoch + 1, "step": exp.step_count, "network": net,
                "train_loss": train_loss.get(net), "test_acc": acc.get(net),
                **({"val_acc": val_acc.get(net)} if val_acc else {}),
                "lr": lrs.get(net),
@@ -332,7 +351,7 @@ def _end_epoch(b: _Block, epoch: int, train_loss: dict[str, float], seconds: flo
         b.logger.log(row)
     _update_best(b, epoch + 1, acc, val_acc)
     b.logger.console.print(
-        f"{stage.name} epoch {epoch + 1}/{stage.epochs}  "
+        f"{stage.name} epoch {epoch + 1}/{b.epochs}  "
         + "  ".join(f"{n}: loss {train_loss[n]:.4f}" for n in stage.trained)
         + ("  |  " + "  ".join(f"{n} acc {100 * a:.2f}%" for n, a in acc.items()) if acc else "")
         + ("  |  val " + "  ".join(f"{n} {100 * a:.2f}%" for n, a in val_acc.items()) if val_acc else "")
@@ -490,9 +509,9 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
             exp.use_stage(stage.name)
             results["stages"][stage.name] = {"best": best, "evaluate": _evaluate_block(block, snapshots)}
         if not program.stages:  # evaluate the networks as built (or as loaded with `weights`)
-            items = program.evaluate or [ir.EvalItem("accuracy", (), {}, None)]
+            items = program.evaluate or default_items(bundle)
             results["stages"]["untrained"] = {"best": {}, "evaluate": evaluate_items(
-                exp, bundle.test_loader(), items, device=device)}
+                exp, bundle.test_loader(), items, device=device, data=bundle)}
         if opts.rank == 0:
             run.results.write_text(json.dumps(results, indent=2))
             _plots(run, logger.rows, results)
@@ -530,14 +549,15 @@ def _explain(run: RunDir, compiled) -> None:
 
 
 def _evaluate_block(b: _Block, snapshots: bool) -> dict[str, Any]:
-    """The evaluate clause after a block (accuracy when the spec has none)."""
-    items = b.exp.program.evaluate or [ir.EvalItem("accuracy", (), {}, b.stage.pos)]
+    """The evaluate clause after a block (accuracy, or retrieval on re-id data, when the spec has none)."""
+    items = b.exp.program.evaluate or default_items(b.bundle, b.stage.pos)
     snapshot_state = checkpoint_snapshots(b.run.root, b.stage.name) if snapshots else None
     with b.exp.autocast():
         if b.opts.world_size > 1:
             return evaluate_sharded(b.exp, b.bundle, items, b.device, b.opts.rank, b.opts.world_size,
                                     snapshot_state)
-        return evaluate_items(b.exp, b.bundle.test_loader(), items, device=b.device, snapshot_state=snapshot_state)
+        return evaluate_items(b.exp, b.bundle.test_loader(), items, device=b.device, snapshot_state=snapshot_state,
+                              data=b.bundle)
 
 
 def _uses_snapshots(program: ir.Program) -> bool:

@@ -1,5 +1,6 @@
-"""`flatness(paths..., sigmas=[...], draws=3)`: accuracy and CE loss under N(0, sigma^2) noise on every
-weight of the path, mean over draws (the DML paper's flatness analysis)."""
+"""`flatness(paths..., sigmas=[...], draws=3, split="test")`: accuracy and CE loss under N(0, sigma^2) noise
+on every weight of the path, mean over draws (the DML paper's flatness analysis). `split="train"` measures
+the training loss on the unaugmented training set, as the paper's Figure 3 does (on re-id data too)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,34 @@ def _seed_of(*parts: Any) -> int:
 
 class Flatness(EvaluateItem):
     name = "flatness"
-    keywords = {"sigmas": [0.0, 0.01, 0.02, 0.05], "draws": 3}
+    keywords = {"sigmas": [0.0, 0.01, 0.02, 0.05], "draws": 3, "split": "test"}
     per_sample = False   # random draws: one process evaluates the whole test set
     title_keywords = True
+
+    @classmethod
+    def check_keywords(cls, kwargs: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
+        if kwargs["split"] not in ("test", "train"):
+            return "split", f"flatness(): split is test or train, got '{kwargs['split']}'", None
+        return None
+
+    @classmethod
+    def split(cls, kwargs: Mapping[str, Any]) -> str:
+        return str(kwargs.get("split", "test"))
+
+    @property
+    def on_train(self) -> bool:
+        return self.spec.kwargs.get("split") == "train"
+
+    @property
+    def loader(self):  # noqa: ANN201 - an iterable of batches
+        """The batches perturbed weights are scored on: the test loader, or the plain training set."""
+        if not self.on_train:
+            return self.ctx.loader
+        if "train_loader" not in self.ctx.shared:
+            if self.ctx.data is None:
+                raise RuntimeError("flatness(split=\"train\") needs the data bundle (evaluate_items(data=...))")
+            self.ctx.shared["train_loader"] = self.ctx.data.plain_train_loader()
+        return self.ctx.shared["train_loader"]
 
     @property
     def sigmas(self) -> list[float]:
@@ -41,13 +67,16 @@ class Flatness(EvaluateItem):
         return int(self.spec.kwargs.get("draws", 3))
 
     def plan(self, job: Pass) -> None:
-        if 0.0 in self.sigmas:  # the unperturbed numbers come from the shared pass
+        if 0.0 in self.sigmas and not self.on_train:  # the unperturbed numbers come from the shared pass
             for p in self.paths():
                 self.need(job, p)
 
     def compute(self, job: Pass) -> Result:
         paths = self.paths()
         noisy = self._noisy([p for p in paths if self.engine.problem(p) is None])
+        if self.on_train and 0.0 in self.sigmas:  # the shared pass is over the test set: measure here
+            clean = self.engine.run_paths(self.loader, {str(p): p for p in paths if self.engine.problem(p) is None})
+            job = clean
         rows = []
         for p in paths:
             problem = self.engine.problem(p, job)
@@ -61,7 +90,8 @@ class Flatness(EvaluateItem):
                 else:
                     row.update(noisy.get((str(p), s), {**_NONE, "status": "n/a"}))
                 rows.append(row)
-        return self.result(sigmas=self.sigmas, draws=self.draws, paths=[str(p) for p in paths],
+        return self.result(sigmas=self.sigmas, draws=self.draws, split=self.spec.kwargs.get("split", "test"),
+                           paths=[str(p) for p in paths],
                            labels=[path_label(self.program, p) for p in paths], rows=rows)
 
     def _disjoint_groups(self, paths: list[ir.Path]) -> list[list[ir.Path]]:
@@ -117,7 +147,7 @@ class Flatness(EvaluateItem):
                 for q in params:
                     saved.append((q, q.detach().clone()))
                     q.add_(torch.randn(q.shape, generator=gen, device=q.device, dtype=q.dtype), alpha=sigma)
-            return self.engine.run_paths(self.ctx.loader, {str(p): p for p in group})
+            return self.engine.run_paths(self.loader, {str(p): p for p in group})
         finally:
             for q, kept in saved:
                 q.copy_(kept)

@@ -28,6 +28,10 @@ class ChannelMapping(EvaluateItem):
     per_sample = False   # features of the first batches: one process
 
     @classmethod
+    def split(cls, kwargs: Mapping[str, Any]) -> str:
+        return "any"  # features only: re-id query images serve as well
+
+    @classmethod
     def check_keywords(cls, kwargs: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
         measure = str(kwargs["measure"])
         if measure in MEASURES:
