@@ -131,3 +131,22 @@ def test_re_id_run_without_evaluate_defaults_to_retrieval(tmp_path: Path):
     results = _run(tmp_path, REID + "train b { minimize ce(n1, y) wrt n1; steps 3 }\n")
     (item,) = results["results"][0]["stages"]["b"]["evaluate"]["items"]
     assert item["kind"] == "retrieval" and [r["label"] for r in item["rows"]] == ["n1", "n2", "ensemble(n1, n2)"]
+
+
+@pytest.mark.parametrize("evaluate, message", [
+    ('retrieval(n1, feature="nowhere")', "retrieval(): feature 'nowhere' is not in n1's part(s) on path n1"),
+    ("retrieval(n1.up >> n2.down, feature=\"layer1\")",
+     "retrieval(): feature 'layer1' is not in n2's part(s) on path n1.up >> n2.down"),
+])
+def test_a_retrieval_feature_missing_from_the_path_is_located_at_the_item(tmp_path: Path, evaluate: str,
+                                                                          message: str):
+    spec = tmp_path / "f.xspec"
+    spec.write_text(REID + 'cut n1, n2 at "layer2" into up, down\nevaluate ' + evaluate + "\n")
+    result = CliRunner().invoke(app, ["check", str(spec)])
+    assert result.exit_code == 2 and f"{spec}:5:10: error: {message}" in result.output, result.output
+
+
+def test_shipped_market1501_specs_build_and_cut_on_meta():
+    for name in ("dml_market1501_mobilenet", "dml_cohort_market1501_mobilenet", "dml_market1501_inception_mobilenet"):
+        result = CliRunner().invoke(app, ["check", str(SPECS / f"{name}.xspec")])
+        assert result.exit_code == 0, result.output

@@ -105,6 +105,22 @@ def _build_networks(program: ir.Program, device: str, spec_dir: Path | None,
     return networks, parts
 
 
+def _check_retrieval_features(program: ir.Program, networks: dict[str, nn.Module], parts: nn.ModuleDict) -> None:
+    """Every `retrieval(...)` path has its feature layer (a located error at the item otherwise)."""
+    from xdsl.eval.retrieval import FeaturePaths
+
+    features = FeaturePaths(lambda step: parts[step.net][step.part], networks)
+    for item in program.evaluate:
+        if item.kind != "retrieval":
+            continue
+        paths = [a for a in item.args if isinstance(a, ir.Path)] or [program.natural_path(n) for n in networks]
+        for path in paths:
+            try:
+                features.head(path, str(item.kwargs.get("feature", "")))
+            except XdslError as e:
+                raise SpecError(f"retrieval(): {e.message}", item.pos, e.hint) from None
+
+
 def _use_pos(g: nx.DiGraph, node: str, program: ir.Program | None = None):
     """Where in the spec a path is used: the first loss term reaching it, else the evaluate item
     naming it, else the declaration of its last network or adapter (so every error is located)."""
@@ -148,6 +164,7 @@ def assemble(program: ir.Program, *, device: str | torch.device = "cpu", spec_di
     device = torch.device(device)
     input_shape = tuple(input_shape or input_shape_of(program))
     networks, parts = _build_networks(program, "meta" if device.type == "meta" else "cpu", spec_dir, allow_imports)
+    _check_retrieval_features(program, networks, parts)
     graph = build_graph(program)
     # every network's own chain of parts first: these shapes say what each part expects as input
     natural: list[str] = []

@@ -61,15 +61,20 @@ class FeaturePaths:
 
     def modules(self, path: ir.Path, feature: str) -> list[nn.Module]:
         """The path's modules, the last one cut right after `feature` (searched from the path's end)."""
+        k, head = self.head(path, feature)
+        return [self.module_of(s) for s in path.steps[:k]] + [head]
+
+    def head(self, path: ir.Path, feature: str) -> tuple[int, nn.Module]:
+        """(index of the step holding `feature`, that step's module cut right after it); an XdslError when
+        the path's last network has no such layer on the path."""
         name = self.feature_name(path, feature)
         net = [s for s in path.steps if isinstance(s, ir.PartStep)][-1].net
         for k in range(len(path.steps) - 1, -1, -1):
             step = path.steps[k]
-            if not isinstance(step, ir.PartStep) or step.net != net:
-                continue
-            head = self._head(self.module_of(step), name)
-            if head is not None:
-                return [self.module_of(s) for s in path.steps[:k]] + [head]
+            if isinstance(step, ir.PartStep) and step.net == net:
+                head = self._head(self.module_of(step), name)
+                if head is not None:
+                    return k, head
         raise XdslError(f"feature '{name}' is not in {net}'s part(s) on path {path}",
                         hint="name a module path or fx node name of the path's last network (a valid cut point)")
 

@@ -394,7 +394,7 @@ def _best_modules(b: _Block) -> dict[str, torch.Tensor]:
 def _print_terms(b: _Block) -> None:
     """One compact line per trained network: each loss term's mean over the last epoch, so a dead
     (always 0) or exploding term is visible without a debugger."""
-    last = [r for r in b.logger.rows if r["stage"] == b.stage.name and r["epoch"] == b.stage.epochs]
+    last = [r for r in b.logger.rows if r["stage"] == b.stage.name and r["epoch"] == b.epochs]
     for row in last:
         terms = row.get("terms")
         if terms:
