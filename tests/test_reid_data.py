@@ -118,7 +118,7 @@ def test_missing_market1501_is_located_at_the_data_statement_when_running(tmp_pa
 
     spec = tmp_path / "reid.xspec"
     spec.write_text('data market1501(root="nowhere")\nnetwork n = builtin.cnn(in_channels=3, width=4)\n'
-                    "train { minimize ce(n, y) wrt n; epochs 1 }\n")
+                    "train { minimize ce(n, y) wrt n; steps 1 }\nevaluate retrieval\n")
     result = CliRunner().invoke(app, ["run", str(spec), "--out", str(tmp_path / "run")])
     assert result.exit_code == 2
     assert f"{spec}:1:1: error: dataset 'market1501' not found: directory {tmp_path / 'nowhere'}" in result.output
