@@ -28,6 +28,7 @@ network n1, n2 = builtin.cnn(num_classes=8, in_channels=3, width=4)
 
 
 def _run(tmp_path: Path, text: str, **opts) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     spec = tmp_path / "reid.xspec"
     spec.write_text(text)
     return run(spec, RunOptions(out=tmp_path / "run", quiet=True, device="cpu", **opts))
@@ -150,3 +151,23 @@ def test_shipped_market1501_specs_build_and_cut_on_meta():
     for name in ("dml_market1501_mobilenet", "dml_cohort_market1501_mobilenet", "dml_market1501_inception_mobilenet"):
         result = CliRunner().invoke(app, ["check", str(SPECS / f"{name}.xspec")])
         assert result.exit_code == 0, result.output
+
+
+def test_a_steps_budget_interrupted_mid_epoch_resumes_to_the_same_weights_and_schedule(tmp_path: Path):
+    from xdsl.train.checkpoint import load_checkpoint
+
+    text = (REID + "train b { minimize ce(n1, y) wrt n1; optimizer adam(lr=1e-2); steps 12\n"
+            "          schedule step(every=4, gamma=0.5) }\n")
+    reference = _run(tmp_path / "whole", text)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        _run(stopped, text, stop_after_steps=7)  # epoch 2, after its 2nd batch
+    state = load_checkpoint(stopped / "run" / "checkpoints" / "b" / "last.pt")
+    assert (state["epoch"], state["batch"], state["step_count"]) == (1, 2, 7)
+    spec = stopped / "reid.xspec"
+    run(spec, RunOptions(out=stopped / "run", quiet=True, device="cpu", resume=True))
+    want = load_checkpoint(Path(reference["out"]) / "checkpoints" / "b" / "final.pt")["modules"]
+    got = load_checkpoint(stopped / "run" / "checkpoints" / "b" / "final.pt")["modules"]
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    last = load_checkpoint(stopped / "run" / "checkpoints" / "b" / "last.pt")
+    assert last["step_count"] == 12 and last["optimizers"]["n1"]["param_groups"][0]["lr"] == pytest.approx(1e-2 / 8)
