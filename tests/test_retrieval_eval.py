@@ -9,11 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import xdsl
+from xdsl.compile.features import FeaturePaths, default_feature
 from xdsl.compile.graph import module_target
 from xdsl.data import build_data
 from xdsl.errors import XdslError
-from xdsl.eval.retrieval import FeaturePaths, default_feature, evaluate_retrieval
-from xdsl.eval.retrieval_metrics import retrieval_scores
+from xdsl.eval.items.retrieval import evaluate_retrieval
+from xdsl.retrieval_metrics import retrieval_scores
 
 SPEC = """
 data synthetic_reid(identities=6, test_identities=5, cameras=3, images_per_camera=3, shape=[3, 16, 8],

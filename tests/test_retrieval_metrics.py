@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from xdsl.eval.retrieval_metrics import distance_matrix, retrieval_scores
+from xdsl.retrieval_metrics import distance_matrix, retrieval_scores
 
 
 def _t(values: list) -> torch.Tensor:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from xdsl.errors import XdslError
+
 __all__ = ["MobileNetV1", "inception_v1"]
 
 # (output channels, stride) of the 13 depthwise-separable blocks, grouped by stage
@@ -46,12 +48,10 @@ class MobileNetV1(nn.Module):
 
     def __init__(self, num_classes: int = 1000, in_channels: int = 3, width: float = 1.0, dropout: float = 0.0):
         super().__init__()
-        from xdsl.models import _check_positive
-
-        _check_positive(num_classes=num_classes, in_channels=in_channels)
+        for key, value in (("num_classes", num_classes), ("in_channels", in_channels)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise XdslError(f"{key} must be a positive integer, got {value!r}")
         if not width > 0:
-            from xdsl.errors import XdslError
-
             raise XdslError(f"width must be > 0, got {width!r}")
 
         def ch(c: int) -> int:

@@ -16,6 +16,7 @@ from torch import nn
 from xdsl.adapters import make_adapter
 from xdsl.compile.build import build_model
 from xdsl.compile.cut import cut_model
+from xdsl.compile.features import FeaturePaths
 from xdsl.compile.graph import build_graph, path_node
 from xdsl.compile.weights import load_network_weights, split_selector
 from xdsl.data.params import resolve_spec_path
@@ -107,8 +108,6 @@ def _build_networks(program: ir.Program, device: str, spec_dir: Path | None,
 
 def _check_retrieval_features(program: ir.Program, networks: dict[str, nn.Module], parts: nn.ModuleDict) -> None:
     """Every `retrieval(...)` path has its feature layer (a located error at the item otherwise)."""
-    from xdsl.eval.retrieval import FeaturePaths
-
     features = FeaturePaths(lambda step: parts[step.net][step.part], networks)
     for item in program.evaluate:
         if item.kind != "retrieval":

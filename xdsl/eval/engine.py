@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
+from xdsl.compile.features import FeaturePaths
 from xdsl.compile.graph import module_target
 from xdsl.compile.lower import paths_module
 from xdsl.eval.paths import Unavailable
@@ -120,6 +121,7 @@ class Engine:
         self.holder.snapshots = nn.ModuleDict()
         self.failed: dict[str, str] = {}                  # path key -> why it cannot be run
         self._generated: dict[tuple[str, ...], fx.GraphModule] = {}
+        self._features: FeaturePaths | None = None
 
     # ---- modules of steps ----
     @staticmethod
@@ -160,6 +162,12 @@ class Engine:
 
     def modules(self, path: ir.Path) -> list[nn.Module]:
         return [self.module(s) for s in path.steps]
+
+    def feature_paths(self) -> FeaturePaths:
+        """Paths run up to a named feature (`retrieval`), over these modules; built once per evaluation."""
+        if self._features is None:
+            self._features = FeaturePaths(self.module, self.exp.networks)
+        return self._features
 
     def check(self, path: ir.Path) -> str | None:
         """None when the path can be evaluated, else why not."""
