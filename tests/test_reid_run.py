@@ -66,10 +66,10 @@ def test_epochs_and_steps_together_are_a_located_error():
 def test_set_epochs_replaces_a_steps_budget_and_set_steps_sets_one(tmp_path: Path):
     from xdsl.overrides import apply_overrides
 
-    program = check(parse(REID + "train b { minimize ce(n1, y) wrt n1; steps 100000 }\n", "s.xspec"))
-    quick = apply_overrides(program, {"epochs": "1"}).stages[0]
+    spec = parse(REID + "train b { minimize ce(n1, y) wrt n1; steps 100000 }\n", "s.xspec")
+    quick = check(apply_overrides(spec, {"epochs": "1"})).stages[0]
     assert quick.epochs == 1 and quick.settings["steps"] is None
-    assert apply_overrides(program, {"b.steps": "7"}).stages[0].settings["steps"] == 7
+    assert check(apply_overrides(spec, {"b.steps": "7"})).stages[0].settings["steps"] == 7
 
 
 @pytest.mark.parametrize("text, message", [

@@ -139,6 +139,7 @@ class _Checker:
                 getattr(self, "stmt_" + type(s).__name__.lower())(s)
             except SpecError as e:
                 self.errors.append(e)
+        self._check_task()
         if self.errors:
             errors = _unique(self.errors)
             raise errors[0] if len(errors) == 1 else SpecErrors(errors)
@@ -292,6 +293,25 @@ class _Checker:
         if takes == "networks" and len(args) < kind.min_networks:
             raise SpecError(f"{item.func}() needs at least {kind.min_networks} networks", item.pos)
         return ir.EvalItem(item.func, tuple(args), kwargs, item.pos)
+
+    def _check_task(self) -> None:
+        """Re-id data has no labelled test split of its training classes; classification data no
+        query/gallery split. Each evaluate item says which it needs (`EvaluateItem.split`)."""
+        from xdsl.data import RETRIEVAL_DATASETS
+
+        if self.data is None:
+            return
+        reid = self.data.name in RETRIEVAL_DATASETS
+        for item in self.evaluate:
+            split = EVALUATIONS.get(item.kind).split(item.kwargs)
+            if reid and split == "test":
+                self.error(f"{item.kind}() scores a labelled test split, which re-id dataset '{self.data.name}' "
+                           "does not have (its test identities are not its training classes)", item.pos,
+                           "evaluate re-id networks with retrieval(...)")
+            elif not reid and split == "query/gallery":
+                self.error(f"{item.kind}() needs a re-id dataset with a query/gallery split; "
+                           f"'{self.data.name}' is a classification dataset", item.pos,
+                           "re-id datasets: market1501, synthetic_reid")
 
     # ---- train blocks ----
     def stmt_train(self, s: ast.Train) -> None:
