@@ -154,7 +154,7 @@ def test_shipped_market1501_specs_build_and_cut_on_meta():
 
 
 def test_a_steps_budget_interrupted_mid_epoch_resumes_to_the_same_weights_and_schedule(tmp_path: Path):
-    from xdsl.train.checkpoint import load_checkpoint
+    from xdsl.checkpoint import load_checkpoint
 
     text = (REID + "train b { minimize ce(n1, y) wrt n1; optimizer adam(lr=1e-2); steps 12\n"
             "          schedule step(every=4, gamma=0.5) }\n")
