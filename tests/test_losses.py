@@ -211,7 +211,7 @@ def test_dkpp_permutation_is_uniform() -> None:
 def test_dkpp_loss_is_soft_ce_with_permuted_teacher() -> None:
     t, p = _logits(1), _logits(2)
     torch.manual_seed(3)
-    loss = L.dkpp(t, p)
+    loss = L.dkpp(t, p, t.argmax(1), at_label=False)
     torch.manual_seed(3)
     q = _np(L._permute_non_argmax(F.softmax(t.detach(), dim=1)))
     lp = np.log(_np_softmax(_np(p)))
@@ -221,9 +221,10 @@ def test_dkpp_loss_is_soft_ce_with_permuted_teacher() -> None:
 def test_dkpp_random_per_call_seeded_by_global_rng() -> None:
     t, p = _logits(1, k=20), _logits(2, k=20)
     torch.manual_seed(0)
-    a, b = L.dkpp(t, p), L.dkpp(t, p)
+    y = torch.zeros(t.shape[0], dtype=torch.long)
+    a, b = L.dkpp(t, p, y), L.dkpp(t, p, y)
     torch.manual_seed(0)
-    assert_close(L.dkpp(t, p), a)
+    assert_close(L.dkpp(t, p, y), a)
     assert not torch.equal(a, b)
 
 

@@ -113,22 +113,52 @@ COHORT = DATA + "network a, b, c = builtin.cnn(num_classes=10, in_channels=1, wi
 
 
 def test_dml_cohort_of_three_mimics_each_peer_and_dml_e_the_peers_ensemble(tmp_path):
-    exp = xdsl.load(_write(tmp_path, COHORT + 'dml(a, b, c)\ndml(a, b, c, teacher="ensemble", name=dml_e)\n'))
+    """The DML paper's Eq. 10 (CE + 1/(K-1) sum KL) by default, the XML code's 0.5/0.5 form with
+    weighting="half"; DML_e (Eq. 11) with the peers' averaged softmax or their averaged logits."""
+    text = COHORT + ('dml(a, b, c)\ndml(a, b, c, teacher="ensemble", name=dml_e)\n'
+                     'dml(a, b, c, teacher="ensemble_logits", name=dml_el)\n'
+                     'dml(a, b, c, weighting="half", name=half)\n')
+    exp = xdsl.load(_write(tmp_path, text))
     x, y = _batch()
     nets = ("a", "b", "c")
-    for stage in ("dml", "dml_e"):
+    for stage in ("dml", "dml_e", "dml_el", "half"):
         exp.use_stage(stage)
         got = exp.objectives(x, y)
         logits = {n: exp.networks[n](x) for n in nets}
         for s in nets:
             peers = [t for t in nets if t != s]
             ce = F.cross_entropy(logits[s], y)
-            if stage == "dml":
-                mimic = sum(_kl(logits[t], logits[s]) for t in peers) / len(peers)
-            else:
+            log_q = torch.log_softmax(logits[s], -1)
+            if stage in ("dml", "half"):
+                mimic = sum(_kl(logits[t], logits[s]) for t in peers) / (len(nets) - 1)
+            elif stage == "dml_e":
                 p = torch.stack([torch.softmax(logits[t], -1) for t in peers]).mean(0)
-                mimic = (p * (p.log() - torch.log_softmax(logits[s], -1))).sum(-1).mean()
-            torch.testing.assert_close(got[s], 0.5 * ce + 0.5 * mimic, msg=f"{stage}/{s}")
+                mimic = (p * (p.log() - log_q)).sum(-1).mean()
+            else:
+                p = torch.softmax(torch.stack([logits[t] for t in peers]).mean(0), -1)
+                mimic = (p * (p.log() - log_q)).sum(-1).mean()
+            expected = 0.5 * ce + 0.5 * mimic if stage == "half" else ce + mimic
+            torch.testing.assert_close(got[s], expected, msg=f"{stage}/{s}")
+
+
+def test_dml_e_with_averaged_logits_has_a_gradient_other_than_dml(tmp_path):
+    """Only the logit-averaged ensemble can make DML_e train differently from DML (the paper's Fig. 4)."""
+    exp = xdsl.load(_write(tmp_path, COHORT + 'dml(a, b, c)\ndml(a, b, c, teacher="ensemble_logits", name=e)\n'))
+    x, y = _batch()
+    grads = {}
+    for stage in ("dml", "e"):
+        exp.use_stage(stage)
+        grads[stage] = torch.autograd.grad(exp.objectives(x, y)["a"], exp.owned_params("a"))
+    assert any(not torch.allclose(g, h) for g, h in zip(grads["dml"], grads["e"]))
+
+
+def test_dml_weights_show_in_the_expanded_spec():
+    text = COHORT + 'dml(a, b)\ndml(a, b, weighting="half", name=h)\n'
+    out = " ".join(format_spec(expand_macros(parse(text))).split())
+    assert "loss dml(s, T) = ce(s, y) + mean(kl(t, s) for t in T)" in out
+    assert "loss h(s, T) = 0.5 * ce(s, y) + 0.5 * mean(kl(t, s) for t in T)" in out
+    with pytest.raises(SpecError, match="weighting"):
+        expand_macros(parse(COHORT + 'dml(a, b, weighting="third")\n'))
 
 
 @pytest.mark.parametrize("order", ["alternating", "simultaneous", "round_robin"])
@@ -260,50 +290,69 @@ def test_born_again_cwtm_weights_each_sample_by_the_teachers_confidence(tmp_path
     torch.testing.assert_close(exp.objectives(x, y)["g1"], expected)
 
 
-def _permuted(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """DKPP's target written row by row: the non-argmax values, in index order, go to the non-argmax
-    positions in the order of their random keys; the argmax keeps its place and value."""
+def _permuted(q: torch.Tensor, keys: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """DKPP's target written row by row (the Born-Again paper's Eq. 11): the teacher's maximum goes to the
+    true label (to the argmax when y is None); the other values, in index order of the teacher's output
+    with the maximum and the label's entry swapped, go to the other positions in the order of their keys."""
     out = torch.empty_like(q)
     for r in range(q.shape[0]):
-        top = int(q[r].argmax())
-        others = [k for k in range(q.shape[1]) if k != top]
+        row = q[r].clone()
+        top = int(row.argmax())
+        keep = top if y is None else int(y[r])
+        row[top], row[keep] = q[r, keep], q[r, top]
+        others = [k for k in range(q.shape[1]) if k != keep]
         by_key = sorted(others, key=lambda k: float(keys[r, k]))
-        out[r, top] = q[r, top]
+        out[r, keep] = row[keep]
         for src, dst in zip(others, by_key):
-            out[r, dst] = q[r, src]
+            out[r, dst] = row[src]
     return out
 
 
-def test_born_again_dkpp_is_soft_ce_to_the_teacher_with_permuted_dark_knowledge(tmp_path):
+def test_born_again_dkpp_puts_the_teachers_max_on_the_true_label_and_permutes_the_rest(tmp_path):
     exp = _ban(tmp_path, "dkpp")
     x, y = _batch()
     t, s = exp.networks["g0"](x), exp.networks["g1"](x)
     q = torch.softmax(t, -1)
+    assert (q.argmax(-1) != y).any()  # the batch has samples the teacher gets wrong
     torch.manual_seed(123)
     got = exp.objectives(x, y)["g1"]
     torch.manual_seed(123)
     keys = torch.rand_like(q)  # the only random draw of the objective: one key per class and sample
-    target = _permuted(q, keys)
+    target = _permuted(q, keys, y)
     expected = -(target * torch.log_softmax(s, -1)).sum(-1).mean()
     torch.testing.assert_close(got, expected)
-    # properties: a permutation of each row that keeps the argmax, and a different one on the next call
+    # properties: a permutation of each row whose maximum sits at the label, a different one per call
     assert torch.equal(target.sort(-1).values, q.sort(-1).values)
-    assert torch.equal(target.argmax(-1), q.argmax(-1))
+    assert torch.equal(target.argmax(-1), y)
     unpermuted = -(q * torch.log_softmax(s, -1)).sum(-1).mean()
     assert not torch.isclose(got, unpermuted)
     draws = {exp.objectives(x, y)["g1"].item() for _ in range(5)}
     assert len(draws) > 1
 
 
+def test_dkpp_at_label_false_keeps_the_teachers_argmax():
+    g = torch.Generator().manual_seed(4)
+    t, s = torch.randn(16, 10, generator=g), torch.randn(16, 10, generator=g)
+    y = torch.randint(0, 10, (16,), generator=g)
+    q = torch.softmax(t, -1)
+    torch.manual_seed(5)
+    got = losses.dkpp(t, s, y, at_label=False)
+    torch.manual_seed(5)
+    target = _permuted(q, torch.rand_like(q))
+    torch.testing.assert_close(got, -(target * torch.log_softmax(s, -1)).sum(-1).mean())
+
+
 def test_born_again_dkpp_equals_soft_ce_when_the_dark_knowledge_is_uniform(tmp_path):
-    """With all non-argmax teacher probabilities equal, every permutation gives the same target."""
+    """With all non-argmax teacher probabilities equal, every permutation gives the same target:
+    the teacher's maximum at the label, the equal rest elsewhere."""
     exp = _ban(tmp_path, "dkpp")
     fc = exp.networks["g0"].fc
     with torch.no_grad():
         fc.weight.zero_()
         fc.bias.copy_(torch.tensor([0.0, 3.0] + [0.0] * 8))  # fixed teacher logits for every input
     x, y = _batch()
-    q = torch.softmax(fc.bias, -1).expand(16, 10)
+    low, high = torch.softmax(fc.bias, -1)[[0, 1]]
+    q = torch.full((16, 10), float(low)).scatter(1, y[:, None], float(high))
     s = exp.networks["g1"](x)
     expected = -(q * torch.log_softmax(s, -1)).sum(-1).mean()
     for _ in range(3):
@@ -415,11 +464,15 @@ def test_method_spec_compiles_on_the_meta_device(name):
     "byot(n, T=3, alpha=0.3, beta=1e-6, reduction=2, epochs=2)",
     'born_again(s, t, u, variant="ban", T=4)',
     'born_again(s, t, variant="dkpp", after=pre, name=dk)',
+    'dml(s, t, after=pre, weighting="half", teacher="ensemble_logits")',
+    "independent(s, t, after=pre)",
+    "xml(s, t, after=pre)",
 ])
 def test_every_macro_expansion_is_a_spec_that_checks(call):
     text = DATA + """network s, t, u = builtin.cnn(num_classes=10, in_channels=1, width=4)
 network n = builtin.cnn(num_classes=10, in_channels=1, width=4)
 cut n at "layer1", "layer2", "pool" into a, b, c, d
+cut s, t at "layer2" into up, down
 train pre { minimize ce(t, y) wrt t }
 """ + call + "\n"
     expanded = expand_macros(parse(text))
@@ -427,6 +480,8 @@ train pre { minimize ce(t, y) wrt t }
     assert reparsed == expanded
     program = check(reparsed)
     assert program.stages[-1].objectives and program.stages[0].name == "pre"
+    if "after=" in call:
+        assert program.stages[-1].after == "pre"
 
 
 def test_dml_e_has_the_gradient_of_dml_so_the_two_train_identically(tmp_path):

@@ -291,33 +291,51 @@ def cwtm(teacher: Tensor, p: Tensor, y: Tensor) -> Tensor:
 
 
 def _permute_non_argmax(q: Tensor) -> Tensor:
-    """Per row, keep the argmax entry and move the other entries by a uniform random permutation.
+    """Per row, keep the argmax entry and move the other entries by a uniform random permutation."""
+    return _permute_except(q, q.argmax(dim=1, keepdim=True))
 
-    Branch-free: order the positions twice with the argmax forced first (key -1), once by index
+
+def _permute_except(q: Tensor, keep: Tensor) -> Tensor:
+    """Per row, keep the entry at column ``keep`` (B, 1) and move the others by a uniform random permutation.
+
+    Branch-free: order the positions twice with the kept one forced first (key -1), once by index
     and once by uniform random keys; the value at the j-th position of the first order is written
-    to the j-th position of the second, a uniform random bijection fixing the argmax. Uses the
+    to the j-th position of the second, a uniform random bijection fixing the kept column. Uses the
     global torch RNG (``torch.rand_like``): random per call, reproducible under ``torch.manual_seed``.
     """
-    top = q.argmax(dim=1, keepdim=True)
-    first = torch.full_like(top, -1, dtype=q.dtype)
-    by_index = torch.ones_like(q).cumsum(dim=1).scatter(1, top, first).argsort(dim=1)
-    by_random = torch.rand_like(q).scatter(1, top, first).argsort(dim=1)
+    first = torch.full_like(keep, -1, dtype=q.dtype)
+    by_index = torch.ones_like(q).cumsum(dim=1).scatter(1, keep, first).argsort(dim=1)
+    by_random = torch.rand_like(q).scatter(1, keep, first).argsort(dim=1)
     return torch.zeros_like(q).scatter(1, by_random, q.gather(1, by_index))
 
 
-@_primitive(teacher="logits", p="logits", grads={"p": ALWAYS})
-def dkpp(teacher: Tensor, p: Tensor) -> Tensor:
-    """Born-Again Dark Knowledge with Permuted Predictions (the Born-Again paper).
+def _max_to_label(q: Tensor, y: Tensor) -> Tensor:
+    """``q`` with, per row, its maximum and the entry at the label swapped (the max lands on the label)."""
+    top, label = q.argmax(dim=1, keepdim=True), y.unsqueeze(1)
+    at_top, at_label = q.gather(1, top), q.gather(1, label)
+    return q.scatter(1, top, at_label).scatter(1, label, at_top)
 
-    ``q = softmax(teacher)`` (detached) with, per sample, every entry except the argmax
-    randomly permuted among the non-argmax positions (argmax position and value unchanged);
-    loss ``= -sum_k q_k log softmax(p)_k``, batch mean. Labels are not used (BAN trains DKPP
-    from the teacher outputs only). The permutation is drawn from the global torch RNG on every
-    call (no per-loss seed: a seeded ``torch.Generator`` is not traceable); it is reproducible
-    under the run's ``torch.manual_seed``. Use: ``dkpp(teacher.fc, s)``.
+
+@_primitive(teacher="logits", p="logits", y="labels", at_label="bool", grads={"p": ALWAYS})
+def dkpp(teacher: Tensor, p: Tensor, y: Tensor, at_label: bool = True) -> Tensor:
+    """Born-Again Dark Knowledge with Permuted Predictions.
+
+    The Born-Again paper's Eq. 11: the target keeps the teacher's maximum ``max_u p_u`` at the true
+    label and puts the teacher's other n-1 outputs, randomly permuted, on the other n-1 classes.
+    ``q = softmax(teacher)`` (detached); per sample the maximum is moved to the label (swapped with
+    the entry there; nothing moves when the teacher is right), then every entry except the label's
+    is permuted uniformly among the non-label positions; loss ``= -sum_k q_k log softmax(p)_k``, batch
+    mean. ``at_label=false`` keeps the maximum where the teacher put it (its argmax; differs only on
+    samples the teacher gets wrong). Labels enter only through that position: BAN trains DKPP from
+    the teacher outputs. The permutation is drawn from the global torch RNG on every call (no
+    per-loss seed: a seeded ``torch.Generator`` is not traceable); it is reproducible under the run's
+    ``torch.manual_seed``. Use: ``dkpp(teacher.fc, s, y)``.
     """
-    q = _permute_non_argmax(F.log_softmax(teacher.detach(), dim=1).exp())
-    return -(q * F.log_softmax(p, dim=1)).sum(dim=1).mean()
+    q = F.log_softmax(teacher.detach(), dim=1).exp()
+    keep = y.unsqueeze(1) if at_label else q.argmax(dim=1, keepdim=True)
+    if at_label:
+        q = _max_to_label(q, y)
+    return -(_permute_except(q, keep) * F.log_softmax(p, dim=1)).sum(dim=1).mean()
 
 
 def _binary_log_probs(z: Tensor, y: Tensor, gt: Tensor) -> Tensor:

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xdsl.errors import XdslError
 from xdsl.registry import Registry
 
-__all__ = ["MODELS", "BasicBlock", "CNN", "ResNet", "MLP", "cnn", "resnet", "mlp", "mobilenet_v1", "inception_v1"]
+__all__ = ["MODELS", "BasicBlock", "PadShortcut", "CNN", "ResNet", "MLP", "cnn", "resnet", "mlp", "mobilenet_v1",
+           "inception_v1"]
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry("model")
 """Model constructors by full spec reference (`builtin.cnn`, ...); `build_model` looks here first."""
@@ -48,10 +50,26 @@ class CNN(nn.Module):
         return self.fc(self.pool(x))
 
 
-class BasicBlock(nn.Module):
-    """ResNet basic block; a 1x1 projection shortcut where the shape changes."""
+class PadShortcut(nn.Module):
+    """He et al.'s option A shortcut: subsample by the stride and zero-pad the new channels (no parameters)."""
 
-    def __init__(self, cin: int, cout: int, stride: int = 1):
+    def __init__(self, extra: int, stride: int):
+        super().__init__()
+        self.extra, self.stride = extra, stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        half = self.extra // 2
+        return F.pad(x[:, :, :: self.stride, :: self.stride], (0, 0, 0, 0, half, self.extra - half))
+
+
+SHORTCUTS = ("projection", "pad")
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block; where the shape changes a 1x1 projection shortcut, or with shortcut="pad"
+    He et al.'s parameter-free option A (the CIFAR ResNets of their sec. 4.2)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1, shortcut: str = "projection"):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
@@ -59,7 +77,9 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.downsample: nn.Module | None = None
-        if stride != 1 or cin != cout:
+        if (stride != 1 or cin != cout) and shortcut == "pad":
+            self.downsample = PadShortcut(cout - cin, stride)
+        elif stride != 1 or cin != cout:
             self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -70,19 +90,26 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """CIFAR-style ResNet (He et al. 2016, sec. 4.2): depth = 6n + 2, three stages of n blocks."""
+    """CIFAR-style ResNet (He et al. 2016, sec. 4.2): depth = 6n + 2, three stages of n blocks.
 
-    def __init__(self, depth: int = 8, num_classes: int = 10, in_channels: int = 3, width: int = 16):
+    shortcut="pad" is the paper's option A (ResNet-20/32/56/110 of its Table 6: 0.27/0.46/0.85/1.7M
+    parameters); "projection" (the default here, option B) adds a 1x1 conv + BN where the shape changes.
+    """
+
+    def __init__(self, depth: int = 8, num_classes: int = 10, in_channels: int = 3, width: int = 16,
+                 shortcut: str = "projection"):
         super().__init__()
         _check_positive(depth=depth, num_classes=num_classes, in_channels=in_channels, width=width)
         if depth < 8 or (depth - 2) % 6:
             raise XdslError(f"resnet depth must be 6n+2 (8, 14, 20, 32, ...), got {depth}")
+        if shortcut not in SHORTCUTS:
+            raise XdslError(f"resnet shortcut is {' or '.join(map(repr, SHORTCUTS))}, got {shortcut!r}")
         n = (depth - 2) // 6
         w = width
         self.stem = nn.Sequential(*_conv_bn_relu(in_channels, w))
-        self.layer1 = self._stage(w, w, n, 1)
-        self.layer2 = self._stage(w, 2 * w, n, 2)
-        self.layer3 = self._stage(2 * w, 4 * w, n, 2)
+        self.layer1 = self._stage(w, w, n, 1, shortcut)
+        self.layer2 = self._stage(w, 2 * w, n, 2, shortcut)
+        self.layer3 = self._stage(2 * w, 4 * w, n, 2, shortcut)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
         self.fc = nn.Linear(4 * w, num_classes)
         for m in self.modules():
@@ -90,8 +117,8 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     @staticmethod
-    def _stage(cin: int, cout: int, blocks: int, stride: int) -> nn.Sequential:
-        layers = [BasicBlock(cin, cout, stride)] + [BasicBlock(cout, cout) for _ in range(blocks - 1)]
+    def _stage(cin: int, cout: int, blocks: int, stride: int, shortcut: str) -> nn.Sequential:
+        layers = [BasicBlock(cin, cout, stride, shortcut)] + [BasicBlock(cout, cout) for _ in range(blocks - 1)]
         return nn.Sequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -120,9 +147,10 @@ def cnn(num_classes: int = 10, in_channels: int = 1, width: int = 16) -> CNN:
 
 
 @MODELS.register("builtin.resnet")
-def resnet(depth: int = 8, num_classes: int = 10, in_channels: int = 3, width: int = 16) -> ResNet:
+def resnet(depth: int = 8, num_classes: int = 10, in_channels: int = 3, width: int = 16,
+           shortcut: str = "projection") -> ResNet:
     """CIFAR ResNet-8/14/20/...; on 32x32 inputs the stages give 32, 16 and 8 pixel maps."""
-    return ResNet(depth=depth, num_classes=num_classes, in_channels=in_channels, width=width)
+    return ResNet(depth=depth, num_classes=num_classes, in_channels=in_channels, width=width, shortcut=shortcut)
 
 
 @MODELS.register("builtin.mlp")

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from xdsl import cifar_models  # noqa: F401  (registers the CIFAR paper networks in MODELS)
 from xdsl.data.params import resolve_spec_path
 from xdsl.errors import XdslError
 from xdsl.models import MODELS

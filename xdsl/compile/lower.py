@@ -39,7 +39,8 @@ from xdsl.compile.graph import module_target, objective_node, term_leaves, term_
 from xdsl.lang import ir
 from xdsl.losses import LOSSES
 
-__all__ = ["Lowered", "lower", "ensemble_logits", "emit_path", "path_module", "paths_module", "call_detached"]
+__all__ = ["Lowered", "lower", "ensemble_logits", "mean_logits", "emit_path", "path_module", "paths_module",
+           "call_detached"]
 
 _ARITH = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 
@@ -83,6 +84,14 @@ def ensemble_logits(*logits: torch.Tensor) -> torch.Tensor:
     """log(mean_i softmax(z_i)): logits whose softmax is the members' averaged prediction."""
     stacked = torch.stack([F.log_softmax(z, dim=-1) for z in logits])  # (M, B, K)
     return torch.logsumexp(stacked, dim=0) - math.log(len(logits))
+
+
+def mean_logits(*logits: torch.Tensor) -> torch.Tensor:
+    """mean_i z_i: the logit-averaged ensemble (`ensemble(..., by=logits)`), sharper than the softmax average."""
+    return torch.stack(logits).mean(dim=0)
+
+
+_ENSEMBLE_FNS = {"probs": ensemble_logits, "logits": mean_logits}
 
 
 def call_detached(module: nn.Module, x: torch.Tensor, keep_buffers: bool) -> torch.Tensor:
@@ -184,9 +193,10 @@ def lower(g: nx.DiGraph, root: nn.Module, stage: ir.Stage, networks: tuple[str, 
             return value(str(arg), net)
         if isinstance(arg, ir.Ensemble):
             members = tuple(value(str(m), net) for m in arg.members)
-            if members not in ensembles:
-                ensembles[members] = graph.call_function(ensemble_logits, members)
-            return ensembles[members]
+            key = (arg.by, *members)
+            if key not in ensembles:
+                ensembles[key] = graph.call_function(_ENSEMBLE_FNS[arg.by], members)
+            return ensembles[key]
         if isinstance(arg, ir.Clock | ir.Func | ir.Arith):  # a schedule as a keyword: a 0-dim tensor
             return emit_term(arg, net)
         return env["y"] if isinstance(arg, ir.Labels) else arg

@@ -14,6 +14,7 @@ from xdsl.errors import Pos, SpecError, SpecErrors, SpecWarning
 from xdsl.eval.items import EVALUATIONS
 from xdsl.lang import ast, ir
 from xdsl.lang.flow import dead_terms
+from xdsl.lang.format import format_expr
 from xdsl.lang.macros import expand_macros
 from xdsl.lang.settings import DEFAULT_OPTIMIZER, OPTIMIZERS, ORDERS, REQUIRED, SCHEDULES, SETTINGS
 from xdsl.registry import did_you_mean
@@ -22,6 +23,7 @@ __all__ = ["check", "path_of", "ORDERS", "SETTINGS", "OPTIMIZERS", "SCHEDULES"]
 
 WHOLE = "all"  # the single part of a network that is not cut
 BUILTIN_FUNCS = ("sum", "mean", "len", "peers", "ensemble")
+ENSEMBLE_BY = ("probs", "logits")  # ensemble(..., by=...): average the softmaxes (default) or the logits
 
 # ---- values the checker computes with ----
 
@@ -615,8 +617,15 @@ class _Checker:
         return ClockV(ir.Func(e.func, tuple(_number_term(v) for v in values)))
 
     def _ensemble(self, e: ast.Call, env) -> EnsembleV:
-        if e.kwargs:
-            raise SpecError("ensemble() takes no keyword arguments", e.kwargs[0].pos)
+        by = "probs"
+        for k in e.kwargs:
+            value = k.value.id if isinstance(k.value, ast.Name) else getattr(k.value, "value", None)
+            if k.name != "by":
+                raise SpecError(f"ensemble() has no keyword '{k.name}'", k.pos, "ensemble(..., by=probs|logits)")
+            if value not in ENSEMBLE_BY:
+                raise SpecError(f"ensemble(): by is {' or '.join(ENSEMBLE_BY)}, got {format_expr(k.value)}",
+                                k.value.pos)
+            by = value
         members: list[ir.Path] = []
         for a in e.args:
             v = self.expr(a, env)
@@ -625,7 +634,7 @@ class _Checker:
                 members.append(self._as_path(item, a.pos, "ensemble()").path)
         if not members:
             raise SpecError("ensemble() of nothing", e.pos)
-        return EnsembleV(ir.Ensemble(tuple(members)))
+        return EnsembleV(ir.Ensemble(tuple(members), by))
 
     def _arity(self, e: ast.Call, lo: int, hi: int) -> None:
         if e.kwargs:

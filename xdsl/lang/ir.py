@@ -63,12 +63,18 @@ class Path:
 
 @dataclass(frozen=True)
 class Ensemble:
-    """`ensemble(a, b)` as a teacher: log of the averaged softmax of the member paths (valid logits)."""
+    """`ensemble(a, b)` as a teacher: log of the averaged softmax of the member paths (valid logits).
+
+    `by="logits"` averages the members' logits instead (a sharper teacher: the DML paper's DML_e
+    observation can only appear with it, since the probability average has exactly DML's gradient).
+    """
 
     members: tuple[Path, ...]
+    by: str = "probs"
 
     def __str__(self) -> str:
-        return f"ensemble({', '.join(str(m) for m in self.members)})"
+        by = "" if self.by == "probs" else f", by={self.by}"
+        return f"ensemble({', '.join(str(m) for m in self.members)}{by})"
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,14 @@ A macro is a function from its call to spec text; the text is parsed like any sp
 `xdsl expand` output is itself a valid spec. Adding a method is one function plus `@macro`.
 
     independent(a, b, ...)                      CE only, one block (every table's baseline)
-    dml(a, b, ..., teacher="peers"|"ensemble")  Deep Mutual Learning, cohorts of N; DML_e
+    dml(a, b, ..., teacher=, weighting=)        Deep Mutual Learning, cohorts of N; DML_e
     xml(a, b, ...)                              Xross Mutual Learning (networks cut into up, down)
     kd(teacher, student, T=4, alpha=0.9)        Hinton KD with a frozen teacher
     byot(net, T=3, alpha=0.3, beta=1e-6)        Be Your Own Teacher (network cut into stages)
     born_again(g0, g1, ..., variant="kd")       Born-Again generations (kd | ban | cwtm | dkpp)
 
-Every macro also takes the train settings (epochs, optimizer, order, schedule, ...) and `name`;
-`after=B` (kd, byot, born_again) starts from block B's final weights.
+Every macro also takes the train settings (epochs, optimizer, order, schedule, ...), `name`, and
+`after=B`: start from block B's final weights (born_again: B trained generation 0).
 
     xml(net1, net2, epochs=200, optimizer=adam(lr=1e-4))
 """
@@ -42,12 +42,17 @@ def macro(*params: str, needs_spec: bool = False):
     """
 
     def register(fn):
-        fn.params = params + _TRAIN_KEYS + ("name",)
+        fn.params = params + _TRAIN_KEYS + ("name", "after")
         fn.needs_spec = needs_spec
         MACROS.register(fn.__name__.rstrip("_"), fn)
         return fn
 
     return register
+
+
+def _after(kw: dict[str, str]) -> str:
+    """` after B` for a block continuing from block B's final weights (`after=B` on any macro), else ''."""
+    return f" after {kw['after']}" if "after" in kw else ""
 
 
 def _train_settings(kw: dict[str, str]) -> str:
@@ -70,33 +75,49 @@ def independent(call: ast.MacroCall, kw: dict[str, str]) -> str:
     """Each network trained alone with cross-entropy: the baseline of every seed table."""
     nets = _networks(call, 1)
     name = kw.get("name", "independent")
-    return f"""train {name} {{
+    return f"""train {name}{_after(kw)} {{
     minimize ce(s, y) wrt s for s in [{', '.join(nets)}]
 {_train_settings(kw)}
 }}"""
 
 
-@macro("teacher")
-def dml(call: ast.MacroCall, kw: dict[str, str]) -> str:
-    """Deep Mutual Learning (the DML paper; the XML paper's code): 0.5 CE + 0.5 mean KL to each peer.
+_DML_WEIGHTS = {
+    "paper": ("ce(s, y) + {mimic}", "the DML paper's Eq. 10: CE + 1/(K-1) sum of KLs"),
+    "half": ("0.5 * ce(s, y) + 0.5 * {mimic}", "the XML code's form: 0.5 CE + 0.5 mean KL"),
+}
+_DML_TEACHERS = {
+    "peers": "mean(kl(t, s) for t in T)",                # each peer a teacher (Eq. 10)
+    "ensemble": "kl(ensemble(T), s)",                    # DML_e, the peers' averaged softmax (Eq. 11)
+    "ensemble_logits": "kl(ensemble(T, by=logits), s)",  # DML_e, the peers' averaged logits
+}
 
-    teacher="ensemble" gives DML_e: the peers' averaged prediction is the single teacher. Note that
-    mean_t KL(p_t || p_s) - KL(mean_t p_t || p_s) = H(mean_t p_t) - mean_t H(p_t), which does not depend on s:
-    DML_e as the paper defines it (its Eq. 11) has DML's gradient and trains identically; only the loss
-    value differs (tested). A gap between them can only come from run-to-run noise or another ensemble
-    (e.g. averaged logits, which is sharper).
+
+@macro("teacher", "weighting")
+def dml(call: ast.MacroCall, kw: dict[str, str]) -> str:
+    """Deep Mutual Learning: weighting="paper" (default) is the DML paper's objective CE + 1/(K-1) sum_t KL(p_t || p_s).
+
+    weighting="half" is 0.5 CE + 0.5 mean KL, the form of the XML code (its DML baseline); under SGD it
+    halves the effective learning rate against `independent`, so it is used only where the XML
+    experiments use it. `xdsl expand` prints the loss line either way.
+
+    teacher="ensemble" gives DML_e as the paper's Eq. 11 writes it: the peers' averaged softmax is the single
+    teacher. mean_t KL(p_t || p_s) - KL(mean_t p_t || p_s) = H(mean_t p_t) - mean_t H(p_t) does not depend on s,
+    so this DML_e has exactly DML's gradient and trains identically (tested); only the loss value differs.
+    teacher="ensemble_logits" averages the peers' logits instead: a sharper target, the one under which the
+    paper's observation (DML_e worse than DML, its target more peaked on the true class) can appear.
     """
     nets = _networks(call, 2)
     name = kw.get("name", "dml")
     teacher = kw.get("teacher", '"peers"').strip('"')
-    if teacher == "ensemble":
-        body = "0.5 * ce(s, y) + 0.5 * kl(ensemble(T), s)"
-    elif teacher == "peers":
-        body = "0.5 * ce(s, y) + 0.5 * mean(kl(t, s) for t in T)"
-    else:
-        raise SpecError(f"dml(): teacher is \"peers\" or \"ensemble\", got {teacher!r}", call.pos)
+    weighting = kw.get("weighting", '"paper"').strip('"')
+    if teacher not in _DML_TEACHERS:
+        raise SpecError(f"dml(): teacher is {', '.join(map(repr, _DML_TEACHERS))}, got {teacher!r}", call.pos)
+    if weighting not in _DML_WEIGHTS:
+        raise SpecError(f"dml(): weighting is {' or '.join(map(repr, _DML_WEIGHTS))}, got {weighting!r}", call.pos,
+                        "; ".join(f'"{k}": {doc}' for k, (_, doc) in _DML_WEIGHTS.items()))
+    body = _DML_WEIGHTS[weighting][0].format(mimic=_DML_TEACHERS[teacher])
     return f"""loss {name}(s, T) = {body}
-train {name} {{
+train {name}{_after(kw)} {{
     minimize {name}(s, peers(s)) wrt s for s in [{', '.join(nets)}]
 {_train_settings(kw)}
 }}"""
@@ -140,13 +161,13 @@ def xml(call: ast.MacroCall, kw: dict[str, str], spec: ast.Spec) -> str:
     ) / ({len(mixed)} * len(T))"""
     return f"""loss {name}(s, T) =
 {body}
-train {name} {{
+train {name}{_after(kw)} {{
     minimize {name}(s, peers(s)) wrt s for s in [{', '.join(nets)}]
 {_train_settings(kw)}
 }}"""
 
 
-@macro("T", "alpha", "after")
+@macro("T", "alpha")
 def kd(call: ast.MacroCall, kw: dict[str, str]) -> str:
     """Hinton KD (the KD paper): kd(teacher, student): alpha T^2 KL(teacher || student) + (1 - alpha) CE.
 
@@ -163,8 +184,7 @@ def kd(call: ast.MacroCall, kw: dict[str, str]) -> str:
     nets = _networks(dataclasses.replace(call, args=call.args[:2]), 2)
     teacher, student = nets
     name = kw.get("name", "kd")
-    after = f" after {kw['after']}" if "after" in kw else ""
-    return f"""train {name}{after} {{
+    return f"""train {name}{_after(kw)} {{
     minimize kd({teacher}, {student}, y, T={kw.get('T', '4.0')}, alpha={kw.get('alpha', '0.9')}) wrt {student}
 {_train_settings(kw)}
 }}"""
@@ -180,7 +200,7 @@ def _cut_parts(spec: ast.Spec, net: str, before: ast.MacroCall) -> tuple[str, ..
     return None
 
 
-@macro("T", "alpha", "beta", "reduction", "after", needs_spec=True)
+@macro("T", "alpha", "beta", "reduction", needs_spec=True)
 def byot(call: ast.MacroCall, kw: dict[str, str], spec: ast.Spec) -> str:
     """Be Your Own Teacher (the BYOT paper): self-distillation of one network cut into stages.
 
@@ -223,12 +243,11 @@ def byot(call: ast.MacroCall, kw: dict[str, str], spec: ast.Spec) -> str:
         terms += [f"(1 - {alpha}) * ce({logits}, y)", f"{alpha} * kl({net}, {logits}, T={T}) / ({T} * {T})"]
         if hints:
             terms.append(f"{beta} * l2({feat}, {deepest}, grad=false)")
-    after = f" after {kw['after']}" if "after" in kw else ""
     body = "\n    + ".join(terms)
     return "\n".join(lines) + f"""
 loss {name}() =
     {body}
-train {name}{after} {{
+train {name}{_after(kw)} {{
     minimize {name}() wrt {net}
 {_train_settings(kw)}
 }}"""
@@ -238,11 +257,11 @@ _BAN_VARIANTS = {
     "kd": "ce(s, y) + kl(t, s, T={T})",       # BAN+L: labels + the teacher's prediction
     "ban": "kl(t, s, T={T})",                  # BAN: the teacher's prediction only
     "cwtm": "cwtm(t, s, y)",                   # labels, each sample weighted by the teacher's max
-    "dkpp": "dkpp(t, s)",                      # teacher's prediction with the non-argmax entries permuted
+    "dkpp": "dkpp(t, s, y)",                   # teacher's max at the label, its other outputs permuted
 }
 
 
-@macro("variant", "T", "after", "generations", needs_spec=True)
+@macro("variant", "T", "generations", needs_spec=True)
 def born_again(call: ast.MacroCall, kw: dict[str, str], spec: ast.Spec) -> str:
     """Born-Again Networks: born_again(g0, g1, ..., gN): g(k) is taught by g(k-1), one block each.
 
