@@ -4,8 +4,9 @@ A spec names only the kind and its options (`adapter a12 = conv1x1(relu=true)`);
 from the shapes on both ends of the edge (`in_shape`: what the previous part gives, `out_shape`: what
 the next part expects), so the same spec line fits ResNet-18 (128 channels) to ResNeXt-50 (512).
 Conv adapters also bridge an integer spatial downsampling (56x56 -> 28x28) with a strided conv;
-anything else is an error naming both shapes. `head` is a BYOT auxiliary classifier; `bottleneck` and
-`classifier` are its two halves, so that its features can be a path of their own.
+anything else is an error naming both shapes. `head` is a BYOT auxiliary classifier; `bottleneck` (or
+`sepconv`, the authors' code's head) and `classifier` are its two halves, so that its features can be a
+path of their own.
 """
 
 from __future__ import annotations
@@ -212,6 +213,48 @@ def bottleneck(
         raise XdslError(f"adapter bottleneck: out_channels={out_channels}, but what follows has {cout} channels")
     layers: list[nn.Module] = [_bottleneck_convs(in_shape[1], cout, reduction, stride)]
     if target is not None and len(target) == 4:
+        layers.append(nn.AdaptiveAvgPool2d(tuple(target[2:])))
+    else:
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
+    return nn.Sequential(*layers)
+
+
+def _sep_conv(cin: int, cout: int) -> nn.Sequential:
+    """BYOT's SepConv (its released code): depthwise 3x3 stride 2, 1x1, BN, ReLU, depthwise 3x3, 1x1 to cout,
+    BN, ReLU: halves the map and changes the width with few parameters."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False),
+        nn.Conv2d(cin, cin, 1, bias=False),
+        nn.BatchNorm2d(cin),
+        nn.ReLU(inplace=False),
+        nn.Conv2d(cin, cin, 3, 1, 1, groups=cin, bias=False),
+        nn.Conv2d(cin, cout, 1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=False),
+    )
+
+
+@ADAPTERS.register("sepconv")
+def sepconv(in_shape: Shape, out_shape: Shape | None, n_classes: int | None) -> nn.Module:
+    """A BYOT head's feature half as the authors' code builds it: SepConv blocks, each doubling the channels
+    and halving the map, from a stage's width up to the deepest features' (64 -> 128 -> 256 -> 512 after
+    ResNet-18's first stage: three blocks), then average pooling to what follows (a (B, D) target: global).
+
+    The widths must differ by a power of two (what the released heads do); the attention modules that
+    code also puts on the heads are not part of it.
+    """
+    if len(in_shape) != 4:
+        raise XdslError(f"adapter sepconv takes (B, C, H, W) feature maps, got {_fmt(in_shape)}")
+    target = _need_out("sepconv", out_shape)
+    if len(target) not in (2, 4):
+        raise XdslError(f"adapter sepconv maps to (B, D) or (B, C, H, W) features, not to {_fmt(target)}")
+    cin, cout = in_shape[1], target[1]
+    blocks = math.log2(cout / cin) if cout >= cin else -1.0
+    if blocks < 0 or blocks != int(blocks):
+        raise XdslError(f"adapter sepconv doubles the channels per block: it cannot map {cin} to {cout} channels",
+                        hint="use bottleneck() between widths that are not a power of two apart")
+    layers: list[nn.Module] = [_sep_conv(cin * 2**i, cin * 2 ** (i + 1)) for i in range(int(blocks))]
+    if len(target) == 4:
         layers.append(nn.AdaptiveAvgPool2d(tuple(target[2:])))
     else:
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]

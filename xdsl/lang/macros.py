@@ -200,7 +200,10 @@ def _cut_parts(spec: ast.Spec, net: str, before: ast.MacroCall) -> tuple[str, ..
     return None
 
 
-@macro("T", "alpha", "beta", "reduction", needs_spec=True)
+_BYOT_HEADS = ("bottleneck", "sepconv")
+
+
+@macro("T", "alpha", "beta", "reduction", "head", needs_spec=True)
 def byot(call: ast.MacroCall, kw: dict[str, str], spec: ast.Spec) -> str:
     """Be Your Own Teacher (the BYOT paper): self-distillation of one network cut into stages.
 
@@ -214,6 +217,8 @@ def byot(call: ast.MacroCall, kw: dict[str, str], spec: ast.Spec) -> str:
 
         ce(net, y) + sum_i [ (1 - alpha) ce(head_i, y) + alpha KL_T(net || head_i) + beta l2(feat_i, deepest) ]
 
+    head="sepconv" builds each head's feature half from SepConv blocks (`<net>_neck<i> = sepconv()`), as the
+    authors' released code does, instead of the paper's bottleneck.
     The deepest classifier (the network's own output) and its features are detached targets. KL_T is
     written `kl(...) / (T * T)`: `kl` carries Hinton's T^2 factor, BYOT's soft loss does not. The hint is
     `l2` (squared distance summed over features, batch mean); beta=0 drops it (the released code has none).
@@ -232,11 +237,16 @@ def byot(call: ast.MacroCall, kw: dict[str, str], spec: ast.Spec) -> str:
     T, alpha, beta = kw.get("T", "3.0"), kw.get("alpha", "0.3"), kw.get("beta", "1e-06")
     hints = _number(beta, "beta", call) != 0
     deepest = f"{net}.{parts[-2]}"
+    head = kw.get("head", '"bottleneck"').strip('"')
+    if head not in _BYOT_HEADS:
+        raise SpecError(f"byot(): head is {' or '.join(map(repr, _BYOT_HEADS))}, got {head!r}", call.pos)
+    if head == "sepconv" and "reduction" in kw:
+        raise SpecError("byot(): reduction is an option of the bottleneck head, not of sepconv", call.pos)
     neck_args = f"reduction={kw['reduction']}" if "reduction" in kw else ""
     lines, terms = [], [f"ce({net}, y)"]
     for i, part in enumerate(parts[:-2], start=1):
         neck, fc = f"{net}_neck{i}", f"{net}_fc{i}"
-        lines += [f"adapter {neck} = bottleneck({neck_args}) owner {net}",
+        lines += [f"adapter {neck} = {head}({neck_args}) owner {net}",
                   f"adapter {fc} = classifier() owner {net}"]
         feat = f"{net}.{part} >> {neck}"
         logits = f"{feat} >> {fc}"
