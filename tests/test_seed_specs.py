@@ -25,7 +25,7 @@ TWINS = {
     "byot_resnet18_cifar100": "byot_digits",
     "born_again_wrn_cifar100": "born_again_digits",
     "dml_variants_resnet32_wrn_cifar100": "dml_variants_digits",
-    "dml_cohort_sizes_resnet32_cifar100": "dml_cohort_sizes_digits",
+    "dml_cohort_sizes_resnet32_cifar100": "dml_cohort_sizes_synthetic",
     "born_again_cifar10": "born_again_cifar10_digits",
 }
 

@@ -6,6 +6,8 @@ evaluation, sharded merging, the tables and the run summary dispatch through it.
 
 from xdsl.eval.item import EvaluateItem
 from xdsl.eval.items.accuracy import Accuracy
+from xdsl.eval.items.anytime import Anytime
+from xdsl.eval.items.cohort import Cohort
 from xdsl.eval.items.ensemble import Ensemble
 from xdsl.eval.items.entropy import Entropy
 from xdsl.eval.items.flatness import Flatness
@@ -18,5 +20,5 @@ from xdsl.registry import Registry
 __all__ = ["EVALUATIONS"]
 
 EVALUATIONS: Registry[type[EvaluateItem]] = Registry("evaluation")
-for _item in (Accuracy, Xross, Ensemble, Entropy, Flatness, ChannelMapping, Latency, Retrieval):
+for _item in (Accuracy, Xross, Ensemble, Entropy, Flatness, ChannelMapping, Latency, Retrieval, Anytime, Cohort):
     EVALUATIONS.register(_item.name, _item)
