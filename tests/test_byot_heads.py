@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import xdsl
-from xdsl.compile.adapters import make_adapter
+from xdsl.adapters import make_adapter
 from xdsl.errors import SpecError, XdslError
 from xdsl.lang.check import check
 from xdsl.lang.parser import parse
