@@ -227,7 +227,15 @@ REGIMES = {
                                 "net2": lambda: _xml_link(h, x, y, "net2", "net1", "a21", "a12")},
     "xml_both": lambda h, x, y: {"net1": lambda: _xml_link(h, x, y, "net1", "net2", "b12", "b21"),
                                  "net2": lambda: _xml_link(h, x, y, "net2", "net1", "b21", "b12")},
-    "independent": lambda h, x, y: {
+    # the baselines without adapters: independent, and DML weighted as the XML code (0.5 CE + 0.5 KL)
+    "independent": lambda h, x, y: {"net1": lambda: ce(h.path(x, "net1.0", "net1.1"), y),
+                                    "net2": lambda: ce(h.path(x, "net2.0", "net2.1"), y)},
+    "dml": lambda h, x, y: {
+        "net1": lambda: 0.5 * ce(h.path(x, "net1.0", "net1.1"), y)
+        + 0.5 * kl(h.path(x, "net2.0", "net2.1"), h.path(x, "net1.0", "net1.1")),
+        "net2": lambda: 0.5 * ce(h.path(x, "net2.0", "net2.1"), y)
+        + 0.5 * kl(h.path(x, "net1.0", "net1.1"), h.path(x, "net2.0", "net2.1"))},
+    "independent_adapters": lambda h, x, y: {
         "net1": lambda: ce(h.path(x, "net1.0", "net1.1"), y) + ce(h.path(x, "net1.0", "c11", "c11r", "net1.1"), y),
         "net2": lambda: ce(h.path(x, "net2.0", "net2.1"), y) + ce(h.path(x, "net2.0", "c22", "c22r", "net2.1"), y)},
 }
