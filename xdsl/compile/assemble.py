@@ -22,7 +22,7 @@ from xdsl.compile.weights import load_network_weights, split_selector
 from xdsl.data.params import resolve_spec_path
 from xdsl.errors import SpecError, SpecErrors, XdslError
 from xdsl.lang import ir
-from xdsl.lang.check import WHOLE
+from xdsl.lang.terms import WHOLE
 from xdsl.shapes import infer_shapes
 
 __all__ = ["Compiled", "assemble", "input_shape_of"]
