@@ -132,3 +132,18 @@ def test_the_grammar_sits_beside_its_parser_and_grammar_dir_links_to_it():
     assert grammar_path() == packaged.resolve() and packaged.is_file() and not packaged.is_symlink()
     top = ROOT.parent / "grammar" / "xspec.lark"
     assert top.is_symlink() and top.resolve() == packaged.resolve()
+
+
+def test_no_module_over_800_lines_and_no_function_over_80():
+    """ARCHITECTURE.md's size rule: long modules and functions are split, not grown."""
+    too_long = []
+    for path in sorted(ROOT.rglob("*.py")):
+        text = path.read_text()
+        if len(text.splitlines()) > 800:
+            too_long.append(f"{path.relative_to(ROOT.parent)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > 80:
+                    too_long.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} {node.name}(): {length} lines")
+    assert not too_long, "\n".join(too_long)

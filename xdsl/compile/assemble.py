@@ -157,15 +157,9 @@ def _adapter_out_shape(g: nx.DiGraph, node: str, shapes: dict[str, torch.Size], 
     return None, num_classes
 
 
-def assemble(program: ir.Program, *, device: str | torch.device = "cpu", spec_dir: Path | None = None,
-             allow_imports: bool = False, input_shape: tuple[int, ...] | None = None) -> Compiled:
-    """Build, cut and shape-check every network and adapter of a checked program."""
-    device = torch.device(device)
-    input_shape = tuple(input_shape or input_shape_of(program))
-    networks, parts = _build_networks(program, "meta" if device.type == "meta" else "cpu", spec_dir, allow_imports)
-    _check_retrieval_features(program, networks, parts)
-    graph = build_graph(program)
-    # every network's own chain of parts first: these shapes say what each part expects as input
+def _natural_chains(program: ir.Program, graph: nx.DiGraph) -> list[str]:
+    """Add every network's own chain of parts to `graph` (their shapes say what each part expects as
+    input, so they are shaped first) and return their nodes in order."""
     natural: list[str] = []
     for net in program.networks:
         for k in range(len(program.parts[net])):
@@ -175,6 +169,35 @@ def assemble(program: ir.Program, *, device: str | torch.device = "cpu", spec_di
                                target=f"parts.{net}.{path.steps[-1].part}", label=str(path.steps[-1]))
                 graph.add_edge(path_node(path.prefix(k)) if k else "x", path_node(path))
             natural.append(path_node(path))
+    return natural
+
+
+def _out_shape(module: nn.Module, in_shape: torch.Size, cache: dict, graph: nx.DiGraph, node: str,
+               program: ir.Program) -> torch.Size:
+    """Output shape of `module` on `in_shape` (meta device, cached: a part meets one shape in many paths)."""
+    data = graph.nodes[node]
+    try:
+        key = (id(module), tuple(in_shape))
+        if key not in cache:
+            (cache[key],) = infer_shapes([module], torch.empty(in_shape, device="meta"))
+        return cache[key]
+    except XdslError as e:
+        raise SpecError(f"{data['path']}: {e.message}", _use_pos(graph, node, program), e.hint) from None
+    except Exception as e:  # a part that cannot take this input at all
+        raise SpecError(f"{data['path']}: {data['step']} cannot take an input of shape {tuple(in_shape)} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                        _use_pos(graph, node, program) or program.networks[data['owner']].pos) from None
+
+
+def assemble(program: ir.Program, *, device: str | torch.device = "cpu", spec_dir: Path | None = None,
+             allow_imports: bool = False, input_shape: tuple[int, ...] | None = None) -> Compiled:
+    """Build, cut and shape-check every network and adapter of a checked program."""
+    device = torch.device(device)
+    input_shape = tuple(input_shape or input_shape_of(program))
+    networks, parts = _build_networks(program, "meta" if device.type == "meta" else "cpu", spec_dir, allow_imports)
+    _check_retrieval_features(program, networks, parts)
+    graph = build_graph(program)
+    natural = _natural_chains(program, graph)
     shapes: dict[str, torch.Size] = {"x": torch.Size((2, *input_shape))}
     adapters = nn.ModuleDict()
     adapter_io: dict[str, tuple[torch.Size, torch.Size]] = {}
@@ -211,17 +234,7 @@ def assemble(program: ir.Program, *, device: str | torch.device = "cpu", spec_di
                     except XdslError as e:
                         raise SpecError(f"adapter '{step.name}': {e.message}", decl.pos, e.hint) from None
                 module = adapters[step.name]
-            try:
-                key = (id(module), tuple(in_shape))  # a part meets the same input shape in many paths
-                if key not in shape_cache:
-                    (shape_cache[key],) = infer_shapes([module], torch.empty(in_shape, device="meta"))
-                out_shape = shape_cache[key]
-            except XdslError as e:
-                raise SpecError(f"{data['path']}: {e.message}", _use_pos(graph, node, program), e.hint) from None
-            except Exception as e:  # a part that cannot take this input at all
-                raise SpecError(f"{data['path']}: {step} cannot take an input of shape {tuple(in_shape)} "
-                                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
-                                _use_pos(graph, node, program) or program.networks[data['owner']].pos) from None
+            out_shape = _out_shape(module, in_shape, shape_cache, graph, node, program)
             if isinstance(step, ir.AdapterStep):
                 seen = adapter_io.setdefault(step.name, (in_shape, out_shape))
                 if tuple(seen[0]) != tuple(in_shape):
