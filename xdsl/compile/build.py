@@ -10,7 +10,6 @@ local state_dict file.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import re
 import sys
@@ -27,15 +26,12 @@ from xdsl.data.params import resolve_spec_path
 from xdsl.errors import XdslError
 from xdsl.models import MODELS
 from xdsl.registry import Registry, did_you_mean
+from xdsl.user_code import check_user_ref, user_callable
 
 __all__ = ["build_model", "check_model_ref", "model_names", "load_weights", "SOURCES", "ModelSource"]
 
-_USER_REF = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _WEIGHT_ENUM = re.compile(r"^([A-Za-z0-9_]+\.)?(DEFAULT|[A-Z][A-Z0-9_]*_V\d+|[A-Z][A-Z0-9]*(_[A-Z0-9]+)+)$")
 _TIMM_INSTALL = "pip install 'xdsl-distill[timm]'"
-
-# top-level module name -> spec directory it was imported from (so a second spec's file can replace it)
-_LOCAL_IMPORTS: dict[str, Path] = {}
 
 
 @functools.lru_cache(maxsize=1)
@@ -165,9 +161,7 @@ def check_model_ref(ref: str, *, spec_dir: Path | None = None, allow_imports: bo
     `allow_imports` is given (True/False); nothing is imported.
     """
     if ":" in ref:
-        _check_user_ref(ref)
-        if allow_imports is False and _local_module_file(ref.split(":")[0], spec_dir) is None:
-            raise _import_refused(ref)
+        check_user_ref(ref, spec_dir=spec_dir, allow_imports=allow_imports, what="model")
         return
     if ref in MODELS:
         return
@@ -177,102 +171,9 @@ def check_model_ref(ref: str, *, spec_dir: Path | None = None, allow_imports: bo
     source.check(ref)
 
 
-def _check_user_ref(ref: str) -> None:
-    if not _USER_REF.match(ref):
-        raise XdslError(
-            f"bad model reference '{ref}'",
-            hint="a user model is written 'package.module:callable', e.g. 'mynets:make_net'",
-        )
-
-
-def _local_module_file(module_name: str, spec_dir: Path | None) -> Path | None:
-    """The file of `module_name` when it lives in the spec's directory, else None."""
-    if spec_dir is None:
-        return None
-    parts = module_name.split(".")
-    for candidate in (
-        Path(spec_dir).joinpath(*parts[:-1], parts[-1] + ".py"),
-        Path(spec_dir).joinpath(*parts, "__init__.py"),
-    ):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _import_refused(ref: str) -> XdslError:
-    module_name = ref.split(":")[0]
-    top = module_name.split(".")[0]
-    return XdslError(
-        f"model '{ref}' needs Python module '{module_name}', which is not beside the spec file",
-        hint=f"put {top}.py (or the package folder {top}/) next to the spec, "
-        "or pass --allow-imports to import installed modules (this runs their code)",
-    )
-
-
-def _top_level_origin(module: Any) -> Path | None:
-    file = getattr(module, "__file__", None)
-    if file:
-        path = Path(file).resolve()
-        return path.parent if path.name == "__init__.py" else path
-    paths = list(getattr(module, "__path__", []))
-    return Path(paths[0]).resolve() if paths else None
-
-
-def _import_user_module(module_name: str, spec_dir: Path | None, local: bool) -> Any:
-    top = module_name.split(".")[0]
-    if local and spec_dir is not None:
-        spec_dir = Path(spec_dir).resolve()
-        loaded = sys.modules.get(top)
-        if loaded is not None:
-            origin = _top_level_origin(loaded)
-            if origin is None or origin.parent != spec_dir:
-                if top not in _LOCAL_IMPORTS:
-                    raise XdslError(
-                        f"module '{top}' beside the spec has the name of an imported module ({origin})",
-                        hint=f"rename {top} to a name no installed package uses",
-                    )
-                for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
-                    del sys.modules[name]
-        _LOCAL_IMPORTS[top] = spec_dir
-    added = spec_dir is not None and str(spec_dir) not in sys.path
-    if added:
-        sys.path.insert(0, str(spec_dir))
-    try:
-        importlib.invalidate_caches()
-        return importlib.import_module(module_name)
-    except XdslError:
-        raise
-    except Exception as e:  # a user file that fails to import is a user error, reported in one line
-        raise XdslError(f"cannot import '{module_name}': {type(e).__name__}: {e}") from e
-    finally:
-        if added:
-            sys.path.remove(str(spec_dir))
-
-
-def _user_constructor(ref: str, spec_dir: Path | None, allow_imports: bool) -> Callable[..., Any]:
-    _check_user_ref(ref)
-    module_name, attr = ref.split(":")
-    local = _local_module_file(module_name, spec_dir) is not None
-    if not local and not allow_imports:
-        raise _import_refused(ref)
-    obj: Any = _import_user_module(module_name, spec_dir, local)
-    for name in attr.split("."):
-        if not hasattr(obj, name):
-            public = [n for n in dir(obj) if not n.startswith("_")]
-            guess = did_you_mean(name, public)
-            raise XdslError(
-                f"'{module_name}' has no attribute '{attr}'",
-                hint=f"did you mean '{module_name}:{guess}'?" if guess else None,
-            )
-        obj = getattr(obj, name)
-    if not callable(obj):
-        raise XdslError(f"'{ref}' is not callable", hint="name a function or class returning an nn.Module")
-    return obj
-
-
 def _constructor(ref: str, kwargs: dict[str, Any], spec_dir: Path | None, allow_imports: bool) -> Callable[..., Any]:
     if ":" in ref:
-        return _user_constructor(ref, spec_dir, allow_imports)
+        return user_callable(ref, spec_dir, allow_imports, what="model", returns="an nn.Module")
     check_model_ref(ref)
     if ref in MODELS:
         return MODELS.get(ref)
