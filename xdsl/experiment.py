@@ -46,7 +46,7 @@ def compile_program(path: str | Path, *, device: str | torch.device = "cpu", all
     """
 
     path = Path(path)
-    program = check(apply_overrides(parse_file(path), overrides or {}), strict=strict)
+    program = check(apply_overrides(parse_file(path), overrides or {}), strict=strict, allow_imports=allow_imports)
     for w in program.warnings:
         warnings.warn(XdslWarning(w.render()), stacklevel=2)
     return assemble(program, device=device, spec_dir=path.resolve().parent, allow_imports=allow_imports,

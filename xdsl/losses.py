@@ -43,6 +43,7 @@ __all__ = [
     "LOSSES",
     "ALWAYS",
     "loss_signature",
+    "primitive_spec",
     "softmax_entropy",
     "ce",
     "kl",
@@ -192,6 +193,12 @@ def loss_signature(name: str) -> LossSpec:
         )
         raise XdslError(f"unknown loss {name!r}", hint=hint)
     return LOSSES[name]
+
+
+def primitive_spec(prim: Any) -> LossSpec | None:
+    """The LossSpec a checked term (`ir.Prim`) calls: its own (a user primitive's) or the registry's."""
+    own = getattr(prim, "spec", None)
+    return own if own is not None else LOSSES.get(prim.name)
 
 
 def _target(x: Tensor, grad: bool) -> Tensor:

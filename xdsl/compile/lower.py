@@ -37,7 +37,7 @@ from torch import nn
 
 from xdsl.compile.graph import module_target, objective_node, term_leaves, term_node
 from xdsl.lang import ir
-from xdsl.losses import LOSSES
+from xdsl.losses import primitive_spec
 
 __all__ = ["Lowered", "lower", "ensemble_logits", "mean_logits", "emit_path", "path_module", "paths_module",
            "call_detached"]
@@ -220,7 +220,7 @@ def lower(g: nx.DiGraph, root: nn.Module, stage: ir.Stage, networks: tuple[str, 
         args = tuple(emit_arg(a, net) for a in term.args)
         key = (term_node(term), tuple(a for a in args if isinstance(a, fx.Node)))  # constants are in the text
         if key not in term_values:
-            term_values[key] = graph.call_function(LOSSES[term.name].fn, args)
+            term_values[key] = graph.call_function(primitive_spec(term).fn, args)
             if key[0] not in term_reported:
                 term_reported[key[0]] = term_values[key]
                 term_names.append(key[0])

@@ -14,7 +14,7 @@ from xdsl.errors import Pos
 __all__ = [
     "Pos", "Number", "String", "Bool", "Name", "Attribute", "Snapshot", "Call", "Keyword",
     "Comprehension", "ListExpr", "BinOp", "Neg", "Expr",
-    "Data", "Network", "Cut", "Adapter", "LossDef", "Minimize", "Setting", "Train", "Evaluate",
+    "Data", "Network", "Cut", "Adapter", "LossDef", "PrimitiveDecl", "Minimize", "Setting", "Train", "Evaluate",
     "MacroCall", "Statement", "Spec",
 ]
 
@@ -173,6 +173,20 @@ class LossDef:
 
 
 @dataclass(frozen=True)
+class PrimitiveDecl:
+    """`primitive focal = "mylosses:focal"(p=logits, y=labels, gamma=number) learns p`
+
+    `kinds` gives each parameter's kind (a keyword whose value names it); `learns` lists the tensor
+    parameters gradient flows into, each with the bool parameter that gates it (None: always)."""
+
+    name: str
+    ref: str
+    kinds: tuple[Keyword, ...]
+    learns: tuple[tuple[str, str | None], ...] = ()
+    pos: Pos = _pos()
+
+
+@dataclass(frozen=True)
 class Minimize:
     """`minimize L(s) wrt s for s in [net1, net2]` (the `for` part is optional)."""
 
@@ -217,7 +231,7 @@ class MacroCall:
     pos: Pos = _pos()
 
 
-Statement = Union[Data, Network, Cut, Adapter, LossDef, Train, Evaluate, MacroCall]
+Statement = Union[Data, Network, Cut, Adapter, LossDef, PrimitiveDecl, Train, Evaluate, MacroCall]
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ collected and reported together. Nothing here builds a model: that is the next s
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from xdsl.errors import Pos, SpecError, SpecErrors, SpecWarning
@@ -13,6 +14,7 @@ from xdsl.eval.items import EVALUATIONS
 from xdsl.lang import ast, ir
 from xdsl.lang.flow import dead_terms
 from xdsl.lang.macros import expand_macros
+from xdsl.lang.primitives import declare_primitive
 from xdsl.lang.settings import DEFAULT_OPTIMIZER, OPTIMIZERS, ORDERS, REQUIRED, SCHEDULES, SETTINGS
 from xdsl.lang.terms import BUILTIN_FUNCS, WHOLE, TermChecker, _hint
 from xdsl.lang.values import (
@@ -28,8 +30,10 @@ __all__ = ["check", "path_of", "ORDERS", "SETTINGS", "OPTIMIZERS", "SCHEDULES"]
 
 
 class _Checker(TermChecker):
-    def __init__(self, spec: ast.Spec):
+    def __init__(self, spec: ast.Spec, allow_imports: bool = False):
         self.spec = spec
+        self.allow_imports = allow_imports
+        self.user_primitives: dict[str, Any] = {}
         self.errors: list[SpecError] = []
         self.warnings: list[SpecWarning] = []
         self.networks: dict[str, ir.NetworkDecl] = {}
@@ -49,7 +53,11 @@ class _Checker(TermChecker):
     def run(self) -> ir.Program:
         from xdsl.losses import LOSSES
 
-        self.primitives = LOSSES
+        self.primitives = {name: LOSSES[name] for name in LOSSES}
+        for s in self.spec.statements:  # user primitives first: a loss may use one declared below it
+            if isinstance(s, ast.PrimitiveDecl):
+                self._declare_primitive(s)
+        self.primitives.update(self.user_primitives)
         for s in self.spec.statements:
             try:
                 getattr(self, "stmt_" + type(s).__name__.lower())(s)
@@ -69,6 +77,8 @@ class _Checker(TermChecker):
             return "adapter"
         if name in self.losses:
             return "loss"
+        if name in self.user_primitives:
+            return "primitive"
         if name in ("x", "y", "pi") or name in BUILTIN_FUNCS or name in ir.CLOCKS or name in ir.FUNCS \
                 or name in self.primitives:
             return "built-in name"
@@ -171,6 +181,19 @@ class _Checker(TermChecker):
             self.error(f"loss '{s.name}' has a repeated parameter name", s.pos)
         if self._declare(s.name, s.pos):
             self.losses[s.name] = s
+
+    def _declare_primitive(self, s: ast.PrimitiveDecl) -> None:
+        spec_dir = Path(self.spec.file).resolve().parent if Path(self.spec.file).is_file() else None
+        try:
+            spec = declare_primitive(s, spec_dir, self.allow_imports)
+        except SpecError as e:
+            self.errors.append(e)
+            return
+        if self._declare(s.name, s.pos):
+            self.user_primitives[s.name] = spec
+
+    def stmt_primitivedecl(self, s: ast.PrimitiveDecl) -> None:  # declared before the other statements
+        pass
 
     def stmt_macrocall(self, s: ast.MacroCall) -> None:  # expand_macros removes these before checking
         raise SpecError(f"unknown macro '{s.name}'", s.pos)
@@ -411,13 +434,14 @@ def _kwpos(kwargs: tuple[ast.Keyword, ...], name: str) -> Pos | None:
     return next((k.value.pos for k in kwargs if k.name == name), None)
 
 
-def check(spec: ast.Spec, *, strict: bool = False) -> ir.Program:
+def check(spec: ast.Spec, *, strict: bool = False, allow_imports: bool = False) -> ir.Program:
     """Expand macros, then check the spec; raise SpecError / SpecErrors listing every problem found.
 
     Warnings (loss terms that cannot train their network, ...) are kept in `Program.warnings`;
-    with `strict` they are errors.
+    with `strict` they are errors. User loss primitives (`primitive` statements) are imported here:
+    from beside the spec, or from anywhere with `allow_imports`.
     """
-    program = _Checker(expand_macros(spec)).run()
+    program = _Checker(expand_macros(spec), allow_imports).run()
     if strict and program.warnings:
         errors = [w.as_error() for w in program.warnings]
         raise errors[0] if len(errors) == 1 else SpecErrors(errors)
@@ -426,6 +450,6 @@ def check(spec: ast.Spec, *, strict: bool = False) -> ir.Program:
 
 def path_of(program: ir.Program, expr: ast.Expr) -> ir.Path:
     """Resolve a path expression (`net1.up >> a12 >> net2.down`) against a checked program."""
-    checker = _Checker(program.spec)
+    checker = _Checker(program.spec, allow_imports=True)  # its imports passed the rule when it was checked
     checker.run()
     return checker._as_path(checker.expr(expr, {}), getattr(expr, "pos", None), "a path").path

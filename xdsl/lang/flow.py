@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from xdsl.lang import ir
-from xdsl.losses import LOSSES, LossSpec
+from xdsl.losses import LossSpec, primitive_spec
 
 __all__ = ["DeadTerm", "dead_terms", "reaches"]
 
@@ -100,7 +100,7 @@ _ORDINALS = ("first", "second", "third", "fourth", "fifth")
 
 def _diagnose(prim: ir.Prim, net: str, adapters: dict[str, ir.AdapterDecl],
               parts: dict[str, tuple[str, ...]]) -> DeadTerm | None:
-    spec = LOSSES.get(prim.name)
+    spec = primitive_spec(prim)
     if spec is None:
         return None
     args = _named(spec, prim)

@@ -68,6 +68,10 @@ def _statement(s) -> str:
         return f"adapter {s.name} = {s.kind}({_arguments((), s.kwargs)}) owner {', '.join(s.owners)}"
     if isinstance(s, ast.LossDef):
         return f"loss {s.name}({', '.join(s.params)}) =\n    {format_expr(s.body)}"
+    if isinstance(s, ast.PrimitiveDecl):
+        learns = ", ".join(p + (f" if {gate}" if gate else "") for p, gate in s.learns)
+        text = f"primitive {s.name} = {_quote(s.ref)}({_arguments((), s.kinds)})"
+        return text + (f" learns {learns}" if learns else "")
     if isinstance(s, ast.Train):
         head = "train" + (f" {s.name}" if s.name else "") + (f" after {s.after}" if s.after else "")
         lines = [head + " {"]

@@ -98,6 +98,7 @@ class Prim:
     name: str
     args: tuple[Any, ...]
     pos: Pos = field(default=NOPOS, compare=False, repr=False)
+    spec: Any = field(default=None, compare=False, repr=False)  # its losses.LossSpec (user primitives too)
 
     def __str__(self) -> str:
         return f"{self.name}({', '.join(str(a) for a in self.args)})"

@@ -104,6 +104,17 @@ class _ToAst(Transformer):
         return ast.LossDef(str(name), tuple(params or ()), body, self._pos(meta))
 
     @v_args(meta=True)
+    def primitive(self, meta, items):
+        name, ref, args, *learns = items
+        kinds = self._kwargs_only(args, f"primitive '{name}'")
+        learned = tuple(item for item in learns if item is not None)
+        return ast.PrimitiveDecl(str(name), _unquote(ref), kinds, learned, self._pos(meta))
+
+    def learn(self, items):
+        param, gate = items
+        return str(param), str(gate) if gate is not None else None
+
+    @v_args(meta=True)
     def train(self, meta, items):
         name, after, *body = items
         minimizes = tuple(i for i in body if isinstance(i, ast.Minimize))

@@ -328,7 +328,7 @@ class TermChecker:
             if problem:
                 raise SpecError(problem, pos)
             args.append(value)
-        return TermV(ir.Prim(e.func, tuple(args), e.pos))
+        return TermV(ir.Prim(e.func, tuple(args), e.pos, spec))
 
     def _prim_arg(self, func: str, name: str, kind: str, v: Any, pos: Pos) -> Any:
         if kind == "logits" and isinstance(v, EnsembleV):

@@ -22,7 +22,7 @@ from pathlib import Path
 from xdsl.compile.graph import path_node, term_leaves, term_node
 from xdsl.errors import XdslError
 from xdsl.lang import ir
-from xdsl.losses import LOSSES
+from xdsl.losses import primitive_spec
 
 __all__ = ["BlockGraph", "block_graphs", "to_dot", "to_mermaid", "render", "term_weights", "detached"]
 
@@ -108,7 +108,7 @@ def term_weights(term: ir.Term) -> dict[str, float | None]:
 
 def detached(prim: ir.Prim, position: int) -> bool:
     """Whether argument `position` of a primitive is a target the loss detaches (no gradient into it)."""
-    spec = LOSSES.get(prim.name)
+    spec = primitive_spec(prim)
     if spec is None or position >= len(spec.params) or spec.params[position].kind not in ("logits", "features"):
         return False  # labels and constants are not a gradient path either way
     args = {p.name: a for p, a in zip(spec.params, prim.args)}
