@@ -15,7 +15,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -49,8 +49,9 @@ class Stats:
 
     n: int = 0
     sums: Tensor | None = None   # [correct, CE loss, entropy] (+ top-5 correct with > TOP5_ABOVE classes)
+    ranked_sums: Tensor | None = None  # sums of the k largest softmax probabilities, largest first
 
-    def add(self, logits: Tensor, y: Tensor) -> None:
+    def add(self, logits: Tensor, y: Tensor, ranked: int = 0) -> None:
         logits = logits.float()
         logp = F.log_softmax(logits, dim=1)
         sums = [(logits.argmax(dim=1) == y).sum(), F.nll_loss(logp, y, reduction="sum"), -(logp.exp() * logp).sum()]
@@ -58,15 +59,20 @@ class Stats:
             sums.append((logits.topk(5, dim=1).indices == y[:, None]).any(dim=1).sum())
         batch = torch.stack([v.double() for v in sums])
         self.sums = batch if self.sums is None else self.sums + batch
+        if ranked:
+            top = logp.exp().topk(min(ranked, logits.shape[1]), dim=1).values.sum(0).double()
+            self.ranked_sums = top if self.ranked_sums is None else self.ranked_sums + top
         self.n += int(y.numel())
 
-    def summary(self) -> dict[str, float | None]:
+    def summary(self) -> dict[str, Any]:
         if not self.n or self.sums is None:
             return {"accuracy": None, "loss": None, "entropy": None}
         sums = [float(v) / self.n for v in self.sums.cpu()]
-        out: dict[str, float | None] = {"accuracy": sums[0], "loss": sums[1], "entropy": sums[2]}
+        out: dict[str, Any] = {"accuracy": sums[0], "loss": sums[1], "entropy": sums[2]}
         if len(sums) > 3:
             out["top5"] = sums[3]
+        if self.ranked_sums is not None:
+            out["ranked"] = [float(v) / self.n for v in self.ranked_sums.cpu()]
         return out
 
 
@@ -82,6 +88,7 @@ class Pass:
     ensembles: dict[str, list[str]] = field(default_factory=dict)     # name -> member path keys
     capture: dict[str, ir.Path] = field(default_factory=dict)         # features kept for `capture_batches`
     capture_batches: int = 0
+    ranked: int = 0                                                   # keep the top-k posterior mass (k)
     stats: dict[str, Stats] = field(default_factory=dict)
     ens_stats: dict[str, Stats] = field(default_factory=dict)
     features: dict[str, list[Tensor]] = field(default_factory=dict)
@@ -235,9 +242,9 @@ class Engine:
             job.num_batches += 1
         return job
 
-    def run_paths(self, loader: Iterable, paths: dict[str, ir.Path]) -> Pass:
+    def run_paths(self, loader: Iterable, paths: dict[str, ir.Path], ranked: int = 0) -> Pass:
         """A pass computing only `paths`' statistics (flatness runs one per noise draw)."""
-        return self.run_pass(loader, Pass(paths=paths))
+        return self.run_pass(loader, Pass(paths=paths, ranked=ranked))
 
     def _add_stats(self, job: Pass, outputs: dict[str, Tensor], y: Tensor) -> None:
         logits: dict[str, Tensor] = {}
@@ -250,7 +257,7 @@ class Engine:
                 job.problems[key] = f"n/a (output of shape {tuple(out.shape[1:])} is not logits)"
                 continue
             logits[key] = out
-            job.stats[key].add(out, y)
+            job.stats[key].add(out, y, job.ranked)
         for name, members in job.ensembles.items():
             if all(m in logits for m in members):
                 probs = torch.stack([F.softmax(logits[m].float(), dim=1) for m in members]).mean(0)

@@ -29,7 +29,10 @@ if TYPE_CHECKING:
     from xdsl.eval.engine import Engine, Pass
     from xdsl.experiment import Experiment
 
-__all__ = ["EvaluateItem", "Context", "Result"]
+__all__ = ["EvaluateItem", "PerPathItem", "Context", "Result", "SPLITS"]
+
+SPLITS = ("test", "train")
+"""What a `split=` keyword may name: the test set, or the training set without augmentation."""
 
 Result = dict[str, Any]
 """An item's result: JSON data with at least "kind" and "title" (results.json keeps it as is)."""
@@ -98,6 +101,24 @@ class EvaluateItem:
         return {"kind": self.spec.kind, "title": self.title, **fields}
 
     # ---- helpers for subclasses ----
+    @property
+    def on_train(self) -> bool:
+        """Whether the item scores the training set (`split="train"`) instead of the test set."""
+        return self.spec.kwargs.get("split") == "train"
+
+    @property
+    def loader(self) -> Iterable:
+        """The batches the item scores: the test loader, or the training set without augmentation (built
+        once per evaluation and shared by every item with `split="train"`)."""
+        if not self.on_train:
+            return self.ctx.loader
+        if "train_loader" not in self.ctx.shared:
+            if self.ctx.data is None:
+                raise RuntimeError(f"{self.spec.kind}(split=\"train\") needs the data bundle "
+                                   "(evaluate_items(data=...))")
+            self.ctx.shared["train_loader"] = self.ctx.data.plain_train_loader()
+        return self.ctx.shared["train_loader"]
+
     def paths(self) -> list[ir.Path]:
         """The item's path arguments; every network's own full path when there are none."""
         paths = [a for a in self.spec.args if isinstance(a, ir.Path)]
@@ -120,6 +141,19 @@ class EvaluateItem:
             return {**row, "accuracy": None, "loss": None, "entropy": None, "params": None, "status": problem}
         return {**row, **job.stats[key].summary(), "params": self.engine.params(path), "status": "ok"}
 
+    def scored_pass(self, job: Pass) -> Pass:
+        """The pass holding this item's path statistics: the shared test pass, or for `split="train"`
+        a pass of its own over the training set (shared prefixes still computed once)."""
+        if not self.on_train:
+            return job
+        paths = {str(p): p for p in self.paths() if self.engine.problem(p) is None}
+        return self.engine.run_paths(self.loader, paths, ranked=self.ranked_k)
+
+    @property
+    def ranked_k(self) -> int:
+        """How many of the largest softmax probabilities the pass must keep for this item (`ranked`)."""
+        return 0
+
     # ---- results of several processes, tables, summary ----
     @classmethod
     def merge(cls, shards: Sequence[Result], weights: Sequence[int]) -> Result:
@@ -132,6 +166,9 @@ class EvaluateItem:
             for key in ("accuracy", "top5", "loss", "entropy"):
                 if all(p.get(key) is not None for p in parts):
                     target[key] = sum(p[key] * w for p, w in zip(parts, weights)) / total
+            if all(p.get("ranked") is not None for p in parts):
+                target["ranked"] = [sum(p["ranked"][i] * w for p, w in zip(parts, weights)) / total
+                                    for i in range(len(parts[0]["ranked"]))]
 
         mean(out, list(shards))
         for key in ("rows", "members"):
@@ -147,3 +184,37 @@ class EvaluateItem:
     def columns(cls, result: Mapping[str, Any], n_networks: int | None) -> dict[str, float | None]:
         """Accuracy cells for the run summary (column name -> value); most items add none."""
         return {}
+
+
+class PerPathItem(EvaluateItem):
+    """An item that reports the shared pass's statistics of each path (accuracy, CE loss, entropy,
+    ranked posterior mass), on the test set or, with `split="train"`, on the unaugmented training set
+    (the seeds measure training accuracy and entropy there)."""
+
+    keywords: ClassVar[dict[str, Any]] = {"split": "test"}
+
+    @classmethod
+    def check_keywords(cls, kwargs: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
+        if kwargs.get("split", "test") not in SPLITS:
+            return "split", f"{cls.name}(): split is test or train, got '{kwargs['split']}'", None
+        return None
+
+    @classmethod
+    def split(cls, kwargs: Mapping[str, Any]) -> str:
+        return str(kwargs.get("split", "test"))
+
+    @property
+    def title(self) -> str:
+        base = super().title
+        return base + " on the training set" if self.on_train else base
+
+    def plan(self, job: Pass) -> None:
+        if not self.on_train:  # the training set gets a pass of its own in compute
+            job.ranked = max(job.ranked, self.ranked_k)
+            for p in self.paths():
+                self.need(job, p)
+
+    def compute(self, job: Pass) -> Result:
+        scored = self.scored_pass(job)
+        return self.result(split=self.spec.kwargs.get("split", "test"),
+                           rows=[self.path_row(scored, p) for p in self.paths()])

@@ -13,6 +13,7 @@ from xdsl.eval.items.entropy import Entropy
 from xdsl.eval.items.flatness import Flatness
 from xdsl.eval.items.latency import Latency
 from xdsl.eval.items.mapping import ChannelMapping
+from xdsl.eval.items.ranked import Ranked
 from xdsl.eval.items.retrieval import Retrieval
 from xdsl.eval.items.xross import Xross
 from xdsl.registry import Registry
@@ -20,5 +21,6 @@ from xdsl.registry import Registry
 __all__ = ["EVALUATIONS"]
 
 EVALUATIONS: Registry[type[EvaluateItem]] = Registry("evaluation")
-for _item in (Accuracy, Xross, Ensemble, Entropy, Flatness, ChannelMapping, Latency, Retrieval, Anytime, Cohort):
+for _item in (Accuracy, Xross, Ensemble, Entropy, Flatness, ChannelMapping, Latency, Retrieval, Anytime, Cohort,
+              Ranked):
     EVALUATIONS.register(_item.name, _item)

@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from xdsl.eval.item import EvaluateItem, Result
+from xdsl.eval.item import PerPathItem
 from xdsl.eval.table import Tab, fmt, fmt_acc, row_label
 
-if TYPE_CHECKING:
-    from xdsl.eval.engine import Pass
 
-
-class Entropy(EvaluateItem):
+class Entropy(PerPathItem):
     name = "entropy"
-
-    def plan(self, job: Pass) -> None:
-        for p in self.paths():
-            self.need(job, p)
-
-    def compute(self, job: Pass) -> Result:
-        return self.result(rows=[self.path_row(job, p) for p in self.paths()])
 
     @classmethod
     def tables(cls, result: Mapping[str, Any]) -> list[Tab]:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from xdsl.eval.item import EvaluateItem, Result
+from xdsl.eval.item import SPLITS, EvaluateItem, Result
 from xdsl.eval.paths import path_label
 from xdsl.eval.table import Tab, fmt, fmt_acc
 from xdsl.lang import ir
@@ -35,28 +35,13 @@ class Flatness(EvaluateItem):
 
     @classmethod
     def check_keywords(cls, kwargs: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
-        if kwargs["split"] not in ("test", "train"):
+        if kwargs["split"] not in SPLITS:
             return "split", f"flatness(): split is test or train, got '{kwargs['split']}'", None
         return None
 
     @classmethod
     def split(cls, kwargs: Mapping[str, Any]) -> str:
         return str(kwargs.get("split", "test"))
-
-    @property
-    def on_train(self) -> bool:
-        return self.spec.kwargs.get("split") == "train"
-
-    @property
-    def loader(self):  # noqa: ANN201 - an iterable of batches
-        """The batches perturbed weights are scored on: the test loader, or the plain training set."""
-        if not self.on_train:
-            return self.ctx.loader
-        if "train_loader" not in self.ctx.shared:
-            if self.ctx.data is None:
-                raise RuntimeError("flatness(split=\"train\") needs the data bundle (evaluate_items(data=...))")
-            self.ctx.shared["train_loader"] = self.ctx.data.plain_train_loader()
-        return self.ctx.shared["train_loader"]
 
     @property
     def sigmas(self) -> list[float]:
