@@ -14,6 +14,7 @@ import dataclasses
 from typing import Any
 
 from xdsl.lang import ast, ir
+from xdsl.registry import Registry
 
 __all__ = ["ORDERS", "OPTIMIZERS", "SCHEDULES", "SETTINGS", "TRAIN_KEYS", "REQUIRED", "DEFAULT_OPTIMIZER",
            "resolved_settings", "resolved_spec", "describe_stage"]
@@ -22,22 +23,22 @@ ORDERS = ("alternating", "simultaneous", "round_robin", "random")
 
 # optimiser -> accepted keywords and their defaults (torch.optim.SGD / Adam / AdamW); Adam's betas
 # are written beta1, beta2
-OPTIMIZERS: dict[str, dict[str, Any]] = {
-    "sgd": {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False},
-    "adam": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False},
-    "adamw": {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2, "amsgrad": False},
-}
+OPTIMIZERS: Registry[dict[str, Any]] = Registry("optimizer")
+OPTIMIZERS.register("sgd", {"lr": 1e-3, "momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False})
+OPTIMIZERS.register("adam", {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
+                             "amsgrad": False})
+OPTIMIZERS.register("adamw", {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 1e-2,
+                              "amsgrad": False})
 DEFAULT_OPTIMIZER = "adam"  # of a train block without an `optimizer` line
 
 REQUIRED = None  # a schedule keyword with no default (StepLR needs step_size, MultiStepLR milestones)
 # learning-rate schedules, stepped once per epoch; `step(every=60, gamma=0.1)` is StepLR(step_size=60,
 # gamma=0.1), the DML paper's x0.1 every 60 epochs; `cosine` anneals to 0 over the block's epochs
-SCHEDULES: dict[str, dict[str, Any]] = {
-    "none": {},
-    "step": {"every": REQUIRED, "gamma": 0.1},
-    "multistep": {"milestones": REQUIRED, "gamma": 0.1},
-    "cosine": {"warmup": 0},
-}
+SCHEDULES: Registry[dict[str, Any]] = Registry("schedule")
+SCHEDULES.register("none", {})
+SCHEDULES.register("step", {"every": REQUIRED, "gamma": 0.1})
+SCHEDULES.register("multistep", {"milestones": REQUIRED, "gamma": 0.1})
+SCHEDULES.register("cosine", {"warmup": 0})
 
 # every train setting: name -> (kind, default); None = off
 SETTINGS: dict[str, tuple[str, Any]] = {
