@@ -8,11 +8,10 @@ Nodes are keyed by what they compute, so a sub-result used by several loss terms
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import networkx as nx
 
 from xdsl.lang import ir
+from xdsl.lang.ir import term_leaves
 
 __all__ = ["build_graph", "path_node", "term_node", "objective_node", "module_target", "term_leaves"]
 
@@ -34,15 +33,6 @@ def term_node(prim: ir.Prim) -> str:
 
 def objective_node(stage: str, net: str) -> str:
     return f"objective {stage}/{net}"
-
-
-def term_leaves(term: ir.Term) -> Iterable[ir.Prim]:
-    """The primitive loss terms of an arithmetic term tree, left to right."""
-    if isinstance(term, ir.Prim):
-        yield term
-    elif isinstance(term, ir.Arith):
-        yield from term_leaves(term.left)
-        yield from term_leaves(term.right)
 
 
 def _add_path(g: nx.DiGraph, path: ir.Path, program: ir.Program) -> str:

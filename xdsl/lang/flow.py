@@ -14,7 +14,6 @@ definition is judged for every network it is minimised for.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from xdsl.lang import ir
@@ -30,14 +29,6 @@ class DeadTerm:
     prim: ir.Prim
     reason: str
     hint: str | None
-
-
-def _leaves(term: ir.Term) -> Iterator[ir.Prim]:
-    if isinstance(term, ir.Prim):
-        yield term
-    elif isinstance(term, ir.Arith):
-        yield from _leaves(term.left)
-        yield from _leaves(term.right)
 
 
 def _owns(step: ir.Step, net: str, adapters: dict[str, ir.AdapterDecl]) -> bool:
@@ -141,7 +132,7 @@ def dead_terms(term: ir.Term, net: str, adapters: dict[str, ir.AdapterDecl],
     `parts` (network -> its part names) only makes the messages read as the spec is written.
     """
     dead, live = [], False
-    for prim in _leaves(term):
+    for prim in ir.term_leaves(term):
         diagnosis = _diagnose(prim, net, adapters, parts)
         if diagnosis is None:
             live = True

@@ -6,6 +6,7 @@ This is what the compiler stages consume. Terms are hashable, so identical sub-r
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -14,7 +15,7 @@ from xdsl.lang import ast
 
 __all__ = [
     "PartStep", "AdapterStep", "Step", "Path", "Ensemble", "Labels", "Const", "Prim", "Arith", "Clock", "Func",
-    "Term", "CLOCKS", "FUNCS",
+    "Term", "CLOCKS", "FUNCS", "term_leaves",
     "NetworkDecl", "CutDecl", "AdapterDecl", "DataDecl", "OptimizerDecl", "Stage", "EvalItem", "Program",
 ]
 
@@ -232,3 +233,11 @@ class Program:
         last = len(names) if upto is None else upto
         return Path(tuple(PartStep(net, names[i], i, epoch) for i in range(last)))
 
+
+def term_leaves(term: Term) -> Iterator[Prim]:
+    """The primitive loss terms of an arithmetic term tree, left to right."""
+    if isinstance(term, Prim):
+        yield term
+    elif isinstance(term, Arith):
+        yield from term_leaves(term.left)
+        yield from term_leaves(term.right)
