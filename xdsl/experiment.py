@@ -220,10 +220,12 @@ class Experiment:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise XdslError(f"x must be a batch of {want[0]}-channel inputs shaped like "
                             f"(B, {', '.join(map(str, want))}), got {got}")
-        if y is not None and (not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]
-                              or y.is_floating_point()):
+        hard = isinstance(y, torch.Tensor) and y.dim() == 1 and not y.is_floating_point()
+        soft = isinstance(y, torch.Tensor) and y.dim() == 2 and y.is_floating_point()  # mixup/cutmix: (B, C)
+        if y is not None and not ((hard or soft) and y.shape[0] == x.shape[0]):
             got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
-            raise XdslError(f"y must be integer labels of shape ({x.shape[0]},), got {got}")
+            raise XdslError(f"y must be integer labels of shape ({x.shape[0]},) or class probabilities of shape "
+                            f"({x.shape[0]}, num_classes), got {got}")
 
     def _require_stage(self) -> ir.Stage:
         if self.stage is None:

@@ -7,7 +7,8 @@ breaks: no ``.item()``, no Python branches on tensor values. Branches on Python 
 0-dim tensor (a schedule such as ``T=1 + 3 * (1 - epoch / epochs)``). The registry ``LOSSES`` tells
 the spec checker each primitive's arity, keyword names, argument kinds and defaults.
 
-Conventions: logits are ``(B, K)``, features ``(B, C, H, W)`` or ``(B, D)``, labels ``(B,)`` long.
+Conventions: logits are ``(B, K)``, features ``(B, C, H, W)`` or ``(B, D)``, labels ``(B,)`` long (or
+``(B, K)`` class probabilities under mixup/cutmix, for the primitives in ``SOFT_LABELS``).
 Every tensor argument has a role, declared with the primitive (``grads``): the prediction (``p``,
 ``student``, ``student_feat``) learns and always carries gradient; the target (``target``,
 ``teacher``, ``teacher_feat``) is detached unless the primitive has a ``grad`` keyword and it is
@@ -37,6 +38,7 @@ from xdsl.registry import Registry
 __all__ = [
     "REQUIRED",
     "KINDS",
+    "SOFT_LABELS",
     "CONSTANT_ONLY",
     "LossParam",
     "LossSpec",
@@ -138,6 +140,11 @@ class LossSpec:
 
 
 LOSSES: Registry[LossSpec] = Registry("loss")
+
+SOFT_LABELS = frozenset({"ce", "kd", "cwtm"})
+"""Primitives whose labels may be class probabilities (B, K) as well as indices (B,): mixup/cutmix make `y`
+soft. They reach `F.cross_entropy`, which takes either; a primitive not listed needs class indices, and the
+checker rejects it next to mixup/cutmix (`xdsl.lang.augment`)."""
 
 CONSTANT_ONLY: frozenset[tuple[str, str]] = frozenset({("ce", "label_smoothing")})
 """(primitive, number parameter) pairs that cannot be a schedule (`epoch`...): the others may be handed a 0-dim

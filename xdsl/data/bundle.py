@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from xdsl.data.augment import BatchMix, MixedLoader
 from xdsl.data.pipeline import DEFAULT_BUDGET, BatchedLoader, choose, epoch_order
 from xdsl.errors import XdslError
 
@@ -54,6 +55,7 @@ class DataBundle:
     memory_budget: str = DEFAULT_BUDGET  # what the batched path may hold on the training device
     notes: list[str] = field(default_factory=list)  # e.g. an image cache that was rebuilt, and why
     retrieval: RetrievalSplit | None = None  # query/gallery of a re-id dataset (its `test` is the query set)
+    batch_mix: BatchMix | None = None  # mixup/cutmix of `augment=[...]`: training batches get soft labels
     _test_loader: DataLoader | None = field(default=None, init=False, repr=False, compare=False)
     _val_loader: DataLoader | None = field(default=None, init=False, repr=False, compare=False)
     _on_device: dict[str, tuple[Tensor, Tensor]] | None = field(default=None, init=False, repr=False,
@@ -102,6 +104,7 @@ class DataBundle:
         Build a fresh one every epoch: resuming at epoch k with the same seed replays epoch k exactly,
         whatever `num_workers` is. A given sampler (e.g. DistributedSampler) replaces shuffling; its
         `set_epoch(epoch_seed)` is called so forgetting to do so cannot repeat one order every epoch.
+        With mixup/cutmix (`batch_mix`) its labels are soft, (B, num_classes).
         """
         generator = torch.Generator()
         generator.manual_seed(int(epoch_seed))
@@ -114,14 +117,11 @@ class DataBundle:
                 sampler_set_epoch(int(epoch_seed))
         if self.batched:
             order = epoch_order(len(self.train), epoch_seed, sampler)  # type: ignore[arg-type]
-            return self._batched_loader("train", order, epoch_seed)  # type: ignore[return-value]
-        return DataLoader(
-            self.train,
-            shuffle=sampler is None,
-            sampler=sampler,
-            generator=generator,
-            **self._loader_kwargs(),
-        )
+            loader: Any = self._batched_loader("train", order, epoch_seed)
+        else:
+            loader = DataLoader(self.train, shuffle=sampler is None, sampler=sampler, generator=generator,
+                                **self._loader_kwargs())
+        return loader if self.batch_mix is None else MixedLoader(loader, self.batch_mix, epoch_seed)
 
     def test_loader(self) -> DataLoader:
         """The evaluation loader, in dataset order; cached so persistent workers survive between evals."""

@@ -10,12 +10,14 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from xdsl.data.augment import apply_augment
 from xdsl.data.bundle import DataBundle
 from xdsl.data.images import cifar10, cifar100, tiny_imagenet
 from xdsl.data.params import BuildContext, DataParamError, check_kwargs, require
 from xdsl.data.pipeline import DEFAULT_BUDGET, PIPELINES, batchable, parse_budget
 from xdsl.data.reid import market1501, synthetic_reid
 from xdsl.data.split import with_validation
+from xdsl.data.transforms import normalise_items
 from xdsl.registry import Registry
 
 __all__ = ["DATASETS", "RETRIEVAL_DATASETS", "VAL_FRACTION", "build_data", "dataset_params", "digits", "synthetic"]
@@ -150,6 +152,22 @@ def _pipeline_settings(name: str, merged: dict[str, Any]) -> tuple[str, str]:
     return pipeline, budget
 
 
+def _augment_items(name: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list | None]:
+    """Take a list-valued `augment` out of `kwargs`, checked (see `transforms.py`); the factory gets `augment=true`."""
+    items = kwargs.get("augment")
+    if not isinstance(items, (list, tuple)):
+        return kwargs, None
+    if "augment" not in dataset_params(name):
+        raise DataParamError(f"dataset '{name}' has no image augmentation, so it takes no augment list",
+                             dataset=name, key="augment", hint="augment applies to image datasets: "
+                             + ", ".join(n for n in DATASETS if "augment" in dataset_params(n)))
+    try:
+        checked = normalise_items(items)
+    except ValueError as e:
+        raise DataParamError(f"parameter 'augment' of dataset '{name}': {e}", dataset=name, key="augment") from None
+    return {**kwargs, "augment": True}, checked
+
+
 def build_data(
     name: str,
     kwargs: Mapping[str, Any] | None = None,
@@ -167,7 +185,8 @@ def build_data(
     `.dataset` and `.key`).
     """
     factory = _factory(name)
-    merged = check_kwargs(name, dict(kwargs or {}), dataset_params(name))
+    kwargs, items = _augment_items(name, dict(kwargs or {}))
+    merged = check_kwargs(name, kwargs, dataset_params(name))
     val_fraction = merged.pop(VAL_FRACTION)
     pipeline, budget = _pipeline_settings(name, merged)
     ctx = BuildContext(
@@ -177,6 +196,8 @@ def build_data(
         device_is_cuda=bool(device_is_cuda),
     )
     bundle = factory(ctx, **merged)
+    if items is not None:
+        apply_augment(bundle, items, ctx.seed)
     if val_fraction != 0:
         require(0.0 < val_fraction < 1.0, ctx, VAL_FRACTION, "a number in [0, 1)", val_fraction)
         bundle = with_validation(bundle, val_fraction, ctx.seed)

@@ -15,6 +15,7 @@ import os
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,6 +73,14 @@ class AugmentedImages(Dataset):
         self.train_recipe = recipe or Recipe(tuple(mean), tuple(std), crop="pad", flip=True, pad=pad,
                                              pad_mode=pad_mode)
         self.eval_recipe = Recipe(tuple(mean), tuple(std))
+        self.sample_transform: Any = None  # an augment list beyond the Recipe: v2 per sample (data/augment.py)
+
+    def use_augment(self, recipe: Recipe | None, sample_transform: Any = None) -> None:
+        """Train with `recipe`, or else with `sample_transform(img, seed, epoch, index)` (an `augment=[...]`)."""
+        self.augment = True
+        if recipe is not None:
+            self.train_recipe = recipe
+        self.sample_transform = None if recipe is not None else sample_transform
 
     def set_epoch(self, epoch_seed: int) -> None:
         """Called by DataBundle.train_loader so augmentation differs per epoch but replays exactly."""
@@ -83,9 +92,19 @@ class AugmentedImages(Dataset):
         view.augment = False
         return view
 
-    def recipe(self) -> Recipe:
-        """What `__getitem__` applies now: the training recipe, or normalisation when not augmenting."""
-        return self.train_recipe if self.augment else self.eval_recipe
+    def recipe(self) -> Recipe | None:
+        """What `__getitem__` applies now: the training recipe, or normalisation when not augmenting; None when
+        torchvision transforms run per sample (then the batched pipeline cannot take this dataset)."""
+        if not self.augment:
+            return self.eval_recipe
+        return self.train_recipe if self.sample_transform is None else None
+
+    @property
+    def why_per_sample(self) -> str | None:
+        """Why this dataset needs the per-sample pipeline (the run header says), or None."""
+        if self.augment and self.sample_transform is not None:
+            return f"augment runs torchvision.transforms.v2 per sample ({', '.join(self.sample_transform.names)})"
+        return None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -96,6 +115,8 @@ class AugmentedImages(Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         img = self._load(index)
         recipe = self.recipe()
+        if recipe is None:
+            return self.sample_transform(img, self.seed, self.epoch, index), int(self.labels[index])
         box = draw_one(recipe, self.seed, self.epoch, index, tuple(img.shape[-2:]))
         return augment_one(img, box, recipe), int(self.labels[index])
 

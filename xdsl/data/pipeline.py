@@ -14,7 +14,8 @@ share of the free memory of the training device ('25%', the default) or an absol
 
 Interface for datasets: a train/test Dataset is batchable when it has `images` (a uint8 tensor
 (N, C, H, W), one fixed size), `labels` (int64 (N,)), `seed` (int), `epoch` and `recipe()` (the
-`batch_augment.Recipe` its `__getitem__` applies, with the draws of `batch_augment.draw`). `images.UInt8Images`
+`batch_augment.Recipe` its `__getitem__` applies, with the draws of `batch_augment.draw`; None when it runs
+torchvision transforms per sample, and then its `why_per_sample` says so). `images.UInt8Images`
 is that class; any dataset that yields fixed-size uint8 images can be one (decode files once with
 `cache.cached_images`).
 """
@@ -74,7 +75,8 @@ def batchable(dataset: Any) -> bool:
     """Whether `dataset` offers the batched path's interface (see the module docstring)."""
     images = getattr(dataset, "images", None)
     return (isinstance(images, Tensor) and images.dtype == torch.uint8 and images.dim() == 4
-            and callable(getattr(dataset, "recipe", None)) and isinstance(getattr(dataset, "labels", None), Tensor))
+            and callable(getattr(dataset, "recipe", None)) and isinstance(getattr(dataset, "labels", None), Tensor)
+            and dataset.recipe() is not None)
 
 
 def _size(n: float) -> str:
@@ -98,7 +100,9 @@ def choose(pipeline: str, budget: str, datasets: tuple[Any, ...], device: torch.
     if pipeline == "per_sample":
         return Choice(False, "per-sample pipeline (pipeline=\"per_sample\")")
     if not all(batchable(d) for d in datasets):
-        return Choice(False, "per-sample pipeline (the dataset has no uint8 image tensor)")
+        reasons = [getattr(d, "why_per_sample", None) for d in datasets]
+        why = next((r for r in reasons if r), "the dataset has no uint8 image tensor")
+        return Choice(False, f"per-sample pipeline ({why})")
     need = sum(d.images.numel() + d.labels.numel() * d.labels.element_size() for d in datasets)
     where = f"on {device}"
     if pipeline == "batched":

@@ -12,6 +12,7 @@ from typing import Any
 from xdsl.errors import Pos, SpecError, SpecErrors, SpecWarning
 from xdsl.eval.items import EVALUATIONS
 from xdsl.lang import ast, ir
+from xdsl.lang.augment import soft_label_errors, split_augment
 from xdsl.lang.flow import dead_terms
 from xdsl.lang.macros import expand_macros
 from xdsl.lang.primitives import declare_primitive
@@ -64,6 +65,7 @@ class _Checker(TermChecker):
             except SpecError as e:
                 self.errors.append(e)
         self._check_task()
+        self.errors += soft_label_errors(self.data, self.stages)  # mixup/cutmix make y soft
         if self.errors:
             errors = _unique(self.errors)
             raise errors[0] if len(errors) == 1 else SpecErrors(errors)
@@ -126,7 +128,8 @@ class _Checker(TermChecker):
             return
         if s.name not in DATASETS:
             raise SpecError(f"unknown dataset '{s.name}'", s.pos, _hint(s.name, DATASETS, None))
-        kwargs = self._const_kwargs(s.kwargs, dataset_params(s.name), f"dataset '{s.name}'")
+        plain, augment = split_augment(s, dataset_params(s.name), self.const, self.errors)  # augment=[...]
+        kwargs = {**self._const_kwargs(plain, dataset_params(s.name), f"dataset '{s.name}'"), **augment}
         if "batch_size" in kwargs and not (isinstance(kwargs["batch_size"], int) and kwargs["batch_size"] >= 1):
             self.error("batch_size must be an integer >= 1", _kwpos(s.kwargs, "batch_size"))
         self.data = ir.DataDecl(s.name, kwargs, s.pos)
