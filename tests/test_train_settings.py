@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 import xdsl
 from xdsl.cli import app
+from xdsl.data import build_data
 
 DATA = "data synthetic(num_classes=4, shape=[1, 8, 8], train_size={n}, test_size=16, batch_size=16)\n"
 NET = "network a = builtin.mlp(num_classes=4, in_features=64, hidden=8)\n"
@@ -165,3 +166,26 @@ def test_set_overrides_change_epochs_learning_rate_and_batch_size(tmp_path):
                                                          ("second", 3)]
     assert len(steps) == (2 + 3) * 2  # 64 samples / batch 32
     assert {s["lr"] for s in steps} == {0.05}
+
+
+def test_eval_train_logs_training_accuracy_equal_to_the_final_weights_on_the_plain_train_set(tmp_path):
+    text = DATA.format(n=48) + NET + f"train t {{ minimize ce(a, y) wrt a; {SGD}; epochs 2; eval_train true }}\n"
+    out, _ = _run(tmp_path, text)
+    rows = _rows(out)
+    assert all(r.get("train_acc") is not None and r.get("test_acc") is not None for r in rows)
+    exp = xdsl.load(tmp_path / "s.xspec")
+    exp.compiled.root.load_state_dict(torch.load(out / "checkpoints" / "t" / "final.pt")["modules"])
+    bundle = build_data(exp.program.data.name, exp.program.data.kwargs)
+    exp.networks["a"].eval()
+    with torch.no_grad():
+        xs, ys = zip(*bundle.plain_train_loader())
+        acc = float((exp.networks["a"](torch.cat(xs)).argmax(1) == torch.cat(ys)).double().mean())
+    assert rows[-1]["train_acc"] == pytest.approx(acc)
+    # off by default; a non-boolean is a located error
+    (tmp_path / "x").mkdir()
+    out2, _ = _run(tmp_path / "x", DATA.format(n=32) + NET + f"train {{ minimize ce(a, y) wrt a; {SGD} }}\n")
+    assert "train_acc" not in _rows(out2)[0]
+    spec = tmp_path / "bad.xspec"
+    spec.write_text(DATA.format(n=32) + NET + "train { minimize ce(a, y) wrt a; eval_train 1 }\n")
+    result = CliRunner().invoke(app, ["check", str(spec)])
+    assert result.exit_code == 2 and "bad.xspec:3:" in result.output and "eval_train is true or false" in result.output

@@ -43,7 +43,7 @@ def run_settings(program, seed: int, overrides: dict[str, str]) -> dict[str, Any
 def epoch_metrics(row: dict[str, Any]) -> dict[str, float]:
     """A metrics.jsonl row as named numbers."""
     out = {}
-    for key in ("train_loss", "test_acc", "lr"):
+    for key in ("train_loss", "test_acc", "train_acc", "val_acc", "lr"):
         if isinstance(row.get(key), int | float):
             out[metric_name(row["stage"], row["network"], key)] = float(row[key])
     for term, value in (row.get("terms") or {}).items():

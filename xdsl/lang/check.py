@@ -19,6 +19,7 @@ from xdsl.lang.primitives import declare_primitive
 from xdsl.lang.settings import DEFAULT_OPTIMIZER, OPTIMIZERS, ORDERS, REQUIRED, SCHEDULES, SETTINGS
 from xdsl.lang.terms import BUILTIN_FUNCS, WHOLE, TermChecker, _hint
 from xdsl.lang.values import (
+    BoolV,
     ListV,
     NetV,
     NumV,
@@ -339,6 +340,10 @@ class _Checker(TermChecker):
                                 _hint(st.value.id, ORDERS, f"orders: {', '.join(ORDERS)}"))
             return st.value.id
         v = self.const(st.value)
+        if kind == "bool":
+            if not isinstance(v, BoolV):
+                raise SpecError(f"{st.key} is true or false, got {kind_of(v)}", st.value.pos)
+            return v.value
         if not isinstance(v, NumV):
             raise SpecError(f"{st.key} must be a number, got {kind_of(v)}", st.value.pos)
         if kind == "int>=1":

@@ -51,6 +51,7 @@ SETTINGS: dict[str, tuple[str, Any]] = {
     "max_steps": ("int>=1", None),      # cap on optimisation steps per epoch (quick runs)
     "eval_every": ("int>=1", 1),        # evaluate every N epochs
     "accumulate": ("int>=1", 1),        # micro-batches per optimisation step (gradient accumulation)
+    "eval_train": ("bool", False),      # also score the unaugmented training set when test accuracy is due
     "map_channels": ("measure", None),  # align channels at the cut first (the XML paper's XML_m): bmm_std, ...
 }
 TRAIN_KEYS = tuple(SETTINGS)  # the keywords every training macro passes through

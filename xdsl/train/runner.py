@@ -325,8 +325,9 @@ def _check_finite(b: _Block, losses: dict[str, torch.Tensor], epoch: int, step: 
 
 def _end_epoch(b: _Block, epoch: int, train_loss: dict[str, float], seconds: float, test_loader: Any,
                val_loader: Any = None) -> None:
-    """Schedules step (per epoch; per step under `steps N`); test (and validation) accuracy every `eval_every`
-    epochs and the last, none on re-id data (its test identities are not its classes); metrics rows; best epoch."""
+    """Schedules step (per epoch; per step under `steps N`); test (validation, and with `eval_train` training-set)
+    accuracy every `eval_every` epochs and the last, none on re-id data (its test identities are not its classes);
+    metrics rows; best epoch."""
     exp, stage = b.exp, b.stage
     lrs = {n: o.param_groups[0]["lr"] for n, o in exp.optimizers.items()}  # this epoch's, logged below
     if not exp.schedule_per_step:
@@ -335,6 +336,8 @@ def _end_epoch(b: _Block, epoch: int, train_loss: dict[str, float], seconds: flo
     due = b.bundle.retrieval is None and ((epoch + 1) % eval_every == 0 or epoch + 1 == b.epochs)
     acc = epoch_accuracy(exp, test_loader, b.device) if due else {}
     val_acc = epoch_accuracy(exp, val_loader, b.device) if due and val_loader is not None else {}
+    train_acc = epoch_accuracy(exp, b.bundle.plain_train_loader(), b.device) \
+        if due and stage.settings.get("eval_train") else {}
     terms = exp.term_means()
     for net in exp.networks:
         if net not in stage.trained and net not in acc:
@@ -342,6 +345,7 @@ def _end_epoch(b: _Block, epoch: int, train_loss: dict[str, float], seconds: flo
         row = {"stage": stage.name, "epoch": epoch + 1, "step": exp.step_count, "network": net,
                "train_loss": train_loss.get(net), "test_acc": acc.get(net),
                **({"val_acc": val_acc.get(net)} if val_acc else {}),
+               **({"train_acc": train_acc.get(net)} if train_acc else {}),
                "lr": lrs.get(net),
                "seconds": round(seconds, 3), "trained": net in stage.trained}
         if net in exp.skipped_steps:
@@ -355,6 +359,7 @@ def _end_epoch(b: _Block, epoch: int, train_loss: dict[str, float], seconds: flo
         + "  ".join(f"{n}: loss {train_loss[n]:.4f}" for n in stage.trained)
         + ("  |  " + "  ".join(f"{n} acc {100 * a:.2f}%" for n, a in acc.items()) if acc else "")
         + ("  |  val " + "  ".join(f"{n} {100 * a:.2f}%" for n, a in val_acc.items()) if val_acc else "")
+        + ("  |  train " + "  ".join(f"{n} {100 * a:.2f}%" for n, a in train_acc.items()) if train_acc else "")
         + f"  ({seconds:.1f}s)")
 
 

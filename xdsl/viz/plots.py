@@ -73,7 +73,7 @@ def _series(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], dict[str
         if "epoch" not in r or not r.get("trained", True):
             continue
         key = (str(r.get("stage", "")), str(r.get("network", "")))
-        for metric in ("train_loss", "test_acc"):
+        for metric in ("train_loss", "test_acc", "train_acc"):
             if r.get(metric) is not None:
                 out.setdefault(key, {}).setdefault(metric, []).append((int(r["epoch"]), float(r[metric])))
     for metrics in out.values():
@@ -89,12 +89,15 @@ def _draw_curves(ax_loss: Any, ax_acc: Any, series: Mapping[tuple[str, str], Map
     for key, metrics in series.items():
         colour = color_of[key[1 - style_key]]
         i = styles.setdefault(key[style_key], len(styles))
-        for ax, metric, scale in ((ax_loss, "train_loss", 1.0), (ax_acc, "test_acc", 100.0)):
+        for ax, metric, scale in ((ax_loss, "train_loss", 1.0), (ax_acc, "test_acc", 100.0),
+                                  (ax_acc, "train_acc", 100.0)):
             pts = metrics.get(metric, [])
-            if pts:
+            if pts:  # training accuracy (`eval_train`): thin and unlabelled beside the test curve
+                train = metric == "train_acc"
                 ax.plot([e for e, _ in pts], [v * scale for _, v in pts], color=colour,
                         linestyle=_STYLES[i % len(_STYLES)], marker=_MARKERS[i % len(_MARKERS)] if len(pts) < 25
-                        else None, markersize=3.5, label=label_of(key))
+                        and not train else None, markersize=3.5, linewidth=0.8 if train else None,
+                        alpha=0.6 if train else None, label=None if train else label_of(key))
 
 
 def _finish_curve_axes(axes: list[Any], max_epoch: int) -> None:
