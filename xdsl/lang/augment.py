@@ -88,17 +88,6 @@ def _item(e: ast.Expr, const: Callable[[ast.Expr], Any], errors: list[SpecError]
     return [e.func, kwargs]
 
 
-def _prims(term: Any) -> list[ir.Prim]:
-    """Every loss primitive call in an objective's term tree."""
-    if isinstance(term, ir.Prim):
-        return [term]
-    if isinstance(term, ir.Arith):
-        return _prims(term.left) + _prims(term.right)
-    if isinstance(term, ir.Func):
-        return [p for a in term.args for p in _prims(a)]
-    return []
-
-
 def soft_label_errors(data: ir.DataDecl | None, stages: list[ir.Stage]) -> list[SpecError]:
     """With mixup/cutmix in `augment`, `y` holds class probabilities: a primitive that needs class indices
     (one not in `losses.SOFT_LABELS`) would silently compute something else, so it is an error."""
@@ -111,7 +100,7 @@ def soft_label_errors(data: ir.DataDecl | None, stages: list[ir.Stage]) -> list[
     errors = []
     for stage in stages:
         for term in stage.objectives.values():
-            for prim in _prims(term):
+            for prim in ir.term_leaves(term):
                 if prim.name not in SOFT_LABELS and any(isinstance(a, ir.Labels) for a in prim.args):
                     errors.append(SpecError(
                         f"{mixes[0]} makes y soft (class probabilities); {prim.name}() needs hard labels", prim.pos,
