@@ -163,8 +163,14 @@ def test_v2_fallback_is_reproducible_for_any_worker_count(cifar: Path):
     other_epoch = torch.cat([x for x, _ in bundle.train_loader(8)])
     assert not torch.equal(torch.cat([x for x, _ in batches[0]]), other_epoch)
     state = torch.get_rng_state()
-    SampleTransform(items, (0.5,) * 3, (0.5,) * 3)(bundle.train.images[0], 1, 2, 3)
+    img = bundle.train.images[0]
+    SampleTransform(items, (0.5,) * 3, (0.5,) * 3)(img, 1, 2, 3)
     assert torch.equal(state, torch.get_rng_state())  # the trainer's stream is untouched
+    for only in ([["trivial_augment", {}]], [["normalize", {}]], []):  # nothing before or after normalize
+        out = SampleTransform(only, (0.5,) * 3, (0.5,) * 3)(img, 1, 2, 3)
+        assert out.shape == (3, 32, 32) and out.dtype == torch.float32
+    plain = SampleTransform([], (0.5,) * 3, (0.5,) * 3)(img, 1, 2, 3)
+    assert torch.allclose(plain, (img.float() / 255 - 0.5) / 0.5, atol=1e-6)
 
 
 def test_bad_output_size_is_a_data_error(cifar: Path):

@@ -91,24 +91,25 @@ class SampleTransform:
     (items before it see uint8 images, items after it floats), else at the end with the dataset's mean/std."""
 
     def __init__(self, items: Sequence[Item], mean: Sequence[float], std: Sequence[float]):
-        from torchvision.transforms import v2
-
         names = [TRANSFORMS[n].cls_name for n, _ in items]
         cut = names.index("Normalize") if "Normalize" in names else len(items)
         if cut < len(items):
             kw = items[cut][1]
             mean, std = kw.get("mean") or mean, kw.get("std") or std
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
-        self.before = v2.Compose([build_transform(n, kw) for n, kw in items[:cut]])
-        self.after = v2.Compose([build_transform(n, kw) for n, kw in items[cut + 1:]])
+        self.before = [build_transform(n, kw) for n, kw in items[:cut]]
+        self.after = [build_transform(n, kw) for n, kw in items[cut + 1:]]
         self.names = names
 
     def __call__(self, img: Tensor, seed: int, epoch: int, index: int) -> Tensor:
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(mix64(seed, epoch, index) >> 1)
-            x = self.before(img)
-            x = F.normalize(F.to_dtype(x, torch.float32, scale=True), self.mean, self.std)
-            return self.after(x)
+            for t in self.before:
+                img = t(img)
+            x = F.normalize(F.to_dtype(img, torch.float32, scale=True), self.mean, self.std)
+            for t in self.after:
+                x = t(x)
+            return x
 
 
 class BatchMix:
