@@ -232,11 +232,13 @@ def test_run_with_augment_and_mixup_end_to_end(cifar: Path, tmp_path: Path):
     spec.write_text(f'data cifar10(root="{cifar}", batch_size=16, num_workers=0, '
                     'augment=[random_crop(32, padding=4), hflip, mixup(alpha=0.2)])\n'
                     'network s = builtin.mlp(in_features=3072, hidden=16)\n'
-                    'train {\n    minimize ce(s, y) wrt s\n    epochs 1\n}\n')
+                    'train {\n    minimize ce(s, y) wrt s\n    epochs 1\n    eval_train true\n}\n')
     out = tmp_path / "run"
     result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["run", str(spec), "--out", str(out), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "batched pipeline" in result.output and "mixup(alpha=0.2) on each training batch" in result.output
+    rows = [json.loads(line) for line in next(out.rglob("metrics.jsonl")).read_text().splitlines()]
+    assert 0 <= rows[-1]["train_acc"] <= 1 and 0 <= rows[-1]["test_acc"] <= 1  # hard labels, unaugmented
     recorded = (next(out.rglob("spec.xspec"))).read_text()
     assert "augment=[random_crop(32, padding=4), hflip, mixup(alpha=0.2)]" in recorded
     assert check(parse(recorded, "spec.xspec")).data.kwargs["augment"][2] == ["mixup", {"alpha": 0.2}]

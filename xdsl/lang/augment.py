@@ -21,16 +21,18 @@ __all__ = ["split_augment", "soft_label_errors"]
 _ITEM_HINT = "an augment item is a transform name or call, e.g. augment=[random_crop(32, padding=4), hflip]"
 
 
-def split_augment(s: ast.Data, params: dict[str, Any], const: Callable[[ast.Expr], Any],
+def split_augment(s: ast.Data, params: dict[str, Any] | None, const: Callable[[ast.Expr], Any],
                   errors: list[SpecError]) -> tuple[tuple[ast.Keyword, ...], dict[str, Any]]:
     """(the data statement's other keywords, {"augment": checked list} or {}); problems go to `errors`.
 
-    A boolean `augment=true/false` stays with the other keywords (the dataset's own recipe, or none)."""
+    A boolean `augment=true/false` stays with the other keywords (the dataset's own recipe, or none).
+    `params` None (a dataset whose keywords are only known when it is built) takes a list too."""
+    takes = params is None or "augment" in params
     rest, out = [], {}
     for k in s.kwargs:
-        if k.name != "augment" or (isinstance(k.value, ast.Bool) and "augment" in params):
+        if k.name != "augment" or (isinstance(k.value, ast.Bool) and takes):
             rest.append(k)
-        elif "augment" not in params:
+        elif not takes:
             errors.append(SpecError(f"dataset '{s.name}' has no image augmentation, so it takes no 'augment'", k.pos,
                                     f"augment applies to image datasets ({', '.join(_image_datasets())})"))
         elif "augment" in out:
