@@ -261,3 +261,14 @@ def test_interrupted_run_with_v2_augment_and_mixup_resumes_bit_identical(cifar: 
     run(spec, RunOptions(out=out, quiet=True, device="cpu", resume=True))
     got, want = (load_checkpoint(d / "checkpoints" / "train1" / "final.pt")["modules"] for d in (out, reference))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_xdsl_check_reports_an_augment_mistake_without_building_data(tmp_path: Path):
+    from xdsl.cli import app
+
+    spec = tmp_path / "bad.xspec"
+    spec.write_text(_spec('[random_crop(32, padding=4), color_jiter(brightness=0.4)]', dataset="cifar100"))
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(app, ["check", str(spec)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "bad.xspec:1:52:" in result.output and "unknown transform 'color_jiter'" in result.output
+    assert "did you mean 'color_jitter'?" in result.output
