@@ -160,6 +160,8 @@ def test_v2_fallback_is_reproducible_for_any_worker_count(cifar: Path):
         batches.append([b for b in bundle.train_loader(7)])
     for (x0, y0), (x1, y1) in zip(*batches, strict=True):
         assert torch.equal(x0, x1) and torch.equal(y0, y1)
+    with pytest.raises(DataParamError, match="cannot run dataset 'cifar10': augment runs torchvision.transforms.v2"):
+        build_data("cifar10", {**kw, "pipeline": "batched"})
     other_epoch = torch.cat([x for x, _ in bundle.train_loader(8)])
     assert not torch.equal(torch.cat([x for x, _ in batches[0]]), other_epoch)
     state = torch.get_rng_state()

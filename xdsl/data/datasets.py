@@ -201,6 +201,11 @@ def build_data(
     if val_fraction != 0:
         require(0.0 < val_fraction < 1.0, ctx, VAL_FRACTION, "a number in [0, 1)", val_fraction)
         bundle = with_validation(bundle, val_fraction, ctx.seed)
+    why = getattr(bundle.train, "why_per_sample", None)
+    if pipeline == "batched" and why:
+        raise DataParamError(f"pipeline=\"batched\" cannot run dataset '{name}': {why}", dataset=name,
+                             key="pipeline", hint="keep augment to random_crop / random_resized_crop, hflip and "
+                             "normalize (the batchable recipe), or use pipeline=\"auto\"")
     if pipeline == "batched" and not (batchable(bundle.train) and batchable(bundle.test)):
         split = " once val_fraction has split its train set" if val_fraction else ""
         raise DataParamError(f"pipeline=\"batched\" needs uint8 images, which dataset '{name}' does not have{split}",
