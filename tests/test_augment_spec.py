@@ -77,6 +77,7 @@ def test_checked_items_are_plain_data_with_positional_arguments_named():
     ("[mixup(0.2)]", "mixup() takes keywords only", "mixup", "mixup(alpha=...)"),
     ("[random_crop]", "random_crop() needs size=", "random_crop", None),
     ("[3]", "not a transform", "3", None),
+    ("[random_flip]", "unknown transform 'random_flip'", "random_flip", "transforms with 'flip': random_horiz"),
     ("[random_rotation(10, interpolation=bicubick)]", "unknown interpolation 'bicubick'", "interpolation",
      "did you mean 'bicubic'?"),
 ])

@@ -111,6 +111,18 @@ def _hint(name: str, pool: Sequence[str], fallback: str | None) -> str | None:
     return f"did you mean '{guess}'?" if guess else fallback
 
 
+def _unknown_hint(name: str) -> str:
+    """Did-you-mean, or the transforms sharing the name's last word (`random_flip`: hflip, vflip, ...)."""
+    word = name.rsplit("_", 1)[-1].lower()
+    related = [n for n in TRANSFORMS.names() if len(word) >= 3 and word in n]
+    guess = did_you_mean(name, TRANSFORMS.names())
+    if guess and (not related or guess in related):
+        return f"did you mean '{guess}'?"
+    if related:
+        return f"transforms with '{word}': {', '.join(related)}"
+    return f"transforms: {', '.join(TRANSFORMS.names())}"
+
+
 def _convert(key: str, value: Any) -> Any:
     """Spec values as the class takes them: lists as tuples, AutoAugment's policy by name."""
     if isinstance(value, list):
@@ -145,8 +157,7 @@ def name_args(name: str, args: Sequence[Any]) -> tuple[dict[str, Any], Problem |
 def check_item(name: str, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], Problem | None]:
     """Item `name` with `kwargs` (spec keywords): its canonical keywords, or the first problem found."""
     if name not in TRANSFORMS:
-        return {}, Problem(None, f"unknown transform '{name}'",
-                           _hint(name, TRANSFORMS.names(), f"transforms: {', '.join(TRANSFORMS.names())}"))
+        return {}, Problem(None, f"unknown transform '{name}'", _unknown_hint(name))
     spec = TRANSFORMS[name]
     params = spec.params()
     out: dict[str, Any] = {}
