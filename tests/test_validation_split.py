@@ -12,7 +12,9 @@ import torch
 
 from xdsl.checkpoint import load_checkpoint
 from xdsl.data import build_data
+from xdsl.data.bundle import DataBundle
 from xdsl.data.images import UInt8Images
+from xdsl.data.pipeline import batchable
 from xdsl.data.split import SplitView, dataset_labels, stratified_split, with_validation
 from xdsl.errors import SpecError, XdslError
 from xdsl.eval.engine import Stats
@@ -65,18 +67,56 @@ def test_stratified_split_by_hand() -> None:
 def test_validation_samples_use_the_evaluation_transform_not_the_augmentation() -> None:
     images = torch.randint(0, 256, (40, 3, 8, 8), dtype=torch.uint8)
     labels = torch.arange(40) % 4
-    from xdsl.data.bundle import DataBundle
-
     augmented = UInt8Images(images, labels, mean=(0.5,) * 3, std=(0.25,) * 3, augment=True, seed=1)
     plain = UInt8Images(images, labels, mean=(0.5,) * 3, std=(0.25,) * 3, augment=False)
     bundle = DataBundle(train=augmented, test=plain, num_classes=4, input_shape=(3, 8, 8), batch_size=8,
                         num_workers=0, name="fake")
     split = with_validation(bundle, 0.25, seed=0)
-    assert isinstance(split.train, SplitView) and split.train.dataset.augment
-    for j, i in enumerate(split.val.indices):
+    _, val_idx = stratified_split(labels, 0.25, seed=0)
+    # uint8 images select into datasets of their own kind, so the batched pipeline still applies
+    assert isinstance(split.train, UInt8Images) and split.train.augment and batchable(split.train)
+    assert isinstance(split.val, UInt8Images) and not split.val.augment and batchable(split.val)
+    for j, i in enumerate(val_idx.tolist()):
         assert torch.equal(split.val[j][0], plain[i][0])  # unaugmented, same normalisation
-    split.train.set_epoch(5)  # forwarded: the augmentation still changes per epoch
-    assert augmented.epoch == 5
+    split.train.set_epoch(5)  # the augmentation still changes per epoch
+    assert split.train.epoch == 5
+    # a dataset that cannot select is split through views that forward set_epoch
+    class Plain(torch.utils.data.Dataset):
+        def __init__(self):
+            self.labels, self.epoch = labels, 0
+
+        def __len__(self):
+            return len(labels)
+
+        def __getitem__(self, i):
+            return images[i].float(), int(labels[i])
+
+        def set_epoch(self, e):
+            self.epoch = e
+
+    inner = Plain()
+    viewed = with_validation(DataBundle(train=inner, test=plain, num_classes=4, input_shape=(3, 8, 8),
+                                        batch_size=8, num_workers=0, name="fake"), 0.25, seed=0)
+    assert isinstance(viewed.train, SplitView) and viewed.val.indices == val_idx.tolist()
+    viewed.train.set_epoch(7)
+    assert inner.epoch == 7
+
+
+def test_batched_pipeline_runs_with_a_validation_split(tmp_path: Path) -> None:
+    """CIFAR in its pickle format with val_fraction and pipeline="batched": both splits stay uint8 images."""
+    import pickle
+
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = torch.randint(0, 256, (20, 3 * 32 * 32), generator=rng, dtype=torch.uint8).numpy()
+        with open(root / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": [i % 10 for i in range(20)]}, f)
+    with open(root / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [str(i).encode() for i in range(10)]}, f)
+    bundle = build_data("cifar10", {"root": str(root), "val_fraction": 0.2, "pipeline": "batched", "batch_size": 10})
+    assert batchable(bundle.train) and batchable(bundle.val) and len(bundle.val) == 20
 
 
 @pytest.mark.parametrize("value", [1.0, -0.1, 1.5])

@@ -133,6 +133,13 @@ class UInt8Images(AugmentedImages):
     def _load(self, index: int) -> Tensor:
         return self.images[index]
 
+    def select(self, indices: Tensor) -> UInt8Images:
+        """The images at `indices` as a dataset of their own (a validation split keeps the batched path);
+        augmentation draws are keyed by the position in the new dataset."""
+        view = copy.copy(self)
+        view.images, view.labels = self.images[indices], self.labels[indices]
+        return view
+
 
 class ImageFiles(AugmentedImages):
     """Images decoded lazily from files, forced to RGB and `size` (for files not worth caching)."""

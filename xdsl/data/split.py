@@ -79,8 +79,12 @@ def with_validation(bundle: DataBundle, fraction: float, seed: int) -> DataBundl
             f"parameter 'val_fraction' of dataset '{bundle.name}' = {fraction} leaves "
             f"{len(train_idx)} training and {len(val_idx)} validation samples",
             dataset=bundle.name, key="val_fraction")
-    changes: dict[str, Any] = {
-        "train": SplitView(bundle.train, train_idx.tolist()),
-        "val": SplitView(eval_view(bundle.train), val_idx.tolist()),
-    }
+    changes: dict[str, Any] = {"train": _subset(bundle.train, train_idx), "val": _subset(eval_view(bundle.train), val_idx)}
     return dataclasses.replace(bundle, **changes)
+
+
+def _subset(ds: Dataset, indices: Tensor) -> Dataset:
+    """The samples at `indices`: a dataset of its own kind when it can select (uint8 images, so the batched
+    pipeline still applies to both splits), else a view."""
+    select = getattr(ds, "select", None)
+    return select(indices) if callable(select) else SplitView(ds, indices.tolist())
