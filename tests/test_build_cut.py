@@ -108,10 +108,11 @@ def test_unknown_constructor_keyword_is_named() -> None:
     assert "'widht'" in err.value.message and err.value.hint == "did you mean 'width'?"
 
 
-def test_weights_are_local_files_only(tmp_path: Path) -> None:
-    with pytest.raises(XdslError, match="download"):
-        build_model("torchvision.resnet18", {"weights": "IMAGENET1K_V1"}, device="meta")
-    with pytest.raises(XdslError, match="download"):
+def test_weights_are_local_files_only(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # tests/test_pretrained.py: the cache
+    with pytest.raises(XdslError, match="never downloads"):
+        build_model("torchvision.resnet18", {"weights": "IMAGENET1K_V1"})
+    with pytest.raises(XdslError, match="not pretrained"):
         build_model("torchvision.resnet18", {"pretrained": True}, device="meta")
     with pytest.raises(XdslError, match="not found"):
         build_model("builtin.cnn", {"weights": "missing.pt"}, spec_dir=tmp_path)

@@ -84,6 +84,8 @@ def check_cmd(spec: Path = SpecArg,
     n_terms = sum(1 for _, d in c.graph.nodes(data=True) if d["kind"] == "term")
     typer.echo(f"ok: {spec}: {len(p.networks)} networks, {n_parts} parts, {len(p.adapters)} adapters, "
                f"{len(p.stages)} train blocks, {n_terms} loss terms")
+    for line in c.notes:  # pretrained weights found or still to be fetched, classifiers replaced
+        typer.echo(f"note: {line}")
 
 
 @app.command("expand")

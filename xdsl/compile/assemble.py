@@ -6,7 +6,7 @@ Runs on the meta device for `xdsl check` (no memory, no compute) and on the real
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import networkx as nx
@@ -59,6 +59,7 @@ class Compiled:
     input_shape: tuple[int, ...]
     num_classes: int
     device: torch.device
+    notes: list[str] = field(default_factory=list)  # pretrained weights loaded or missing, heads replaced
 
     @property
     def parts(self) -> dict[str, dict[str, nn.Module]]:
@@ -73,14 +74,17 @@ def _located(e: XdslError, pos) -> SpecError:
     return SpecError(e.message, pos, e.hint)
 
 
-def _build_networks(program: ir.Program, device: str, spec_dir: Path | None,
-                    allow_imports: bool) -> tuple[dict[str, nn.Module], nn.ModuleDict]:
+def _build_networks(program: ir.Program, device: str, spec_dir: Path | None, allow_imports: bool,
+                    notes: list[str]) -> tuple[dict[str, nn.Module], nn.ModuleDict]:
     networks: dict[str, nn.Module] = {}
     parts = nn.ModuleDict()
     errors: list[SpecError] = []
     for name, decl in program.networks.items():
         try:
-            model = build_model(decl.ref, decl.kwargs, device=device, spec_dir=spec_dir, allow_imports=allow_imports)
+            said: list[str] = []
+            model = build_model(decl.ref, decl.kwargs, device=device, spec_dir=spec_dir, allow_imports=allow_imports,
+                                notes=said)
+            notes += [f"network {name}: {line}" for line in said]
             if decl.weights:
                 file, _ = split_selector(decl.weights)
                 weights = resolve_spec_path(file, spec_dir, "weights file") if spec_dir is not None else Path(file)
@@ -194,7 +198,9 @@ def assemble(program: ir.Program, *, device: str | torch.device = "cpu", spec_di
     """Build, cut and shape-check every network and adapter of a checked program."""
     device = torch.device(device)
     input_shape = tuple(input_shape or input_shape_of(program))
-    networks, parts = _build_networks(program, "meta" if device.type == "meta" else "cpu", spec_dir, allow_imports)
+    notes: list[str] = []
+    networks, parts = _build_networks(program, "meta" if device.type == "meta" else "cpu", spec_dir, allow_imports,
+                                      notes)
     _check_retrieval_features(program, networks, parts)
     graph = build_graph(program)
     natural = _natural_chains(program, graph)
@@ -259,4 +265,4 @@ def assemble(program: ir.Program, *, device: str | torch.device = "cpu", spec_di
         root.to(device)
         for model in networks.values():
             model.to(device)
-    return Compiled(program, networks, root, graph, input_shape, num_classes, device)
+    return Compiled(program, networks, root, graph, input_shape, num_classes, device, notes)

@@ -4,7 +4,7 @@ References: `torchvision.<name>` (every classification model), `timm.<name>` (wh
 the builtin small nets and anything else in `xdsl.models.MODELS`, and user code as
 `"package.module:callable"`. User code is imported only from beside the spec, or anywhere when the
 user passes `--allow-imports`; no spec text is ever evaluated. Nothing is downloaded: `weights` is a
-local state_dict file.
+local state_dict file, or torchvision weights read from the torch hub cache (`compile/pretrained.py`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from xdsl import cifar_models  # noqa: F401  (registers the CIFAR paper networks in MODELS)
+from xdsl.compile.pretrained import load_timm, load_torchvision, pretrained_kind
 from xdsl.data.params import resolve_spec_path
 from xdsl.errors import XdslError
 from xdsl.models import MODELS
@@ -57,15 +58,17 @@ def _timm_names() -> frozenset[str]:
 
 
 def _unknown(ref: str, kind: str, candidates: list[str]) -> XdslError:
-    guess = did_you_mean(ref, candidates)
+    """A bare name found in several sources (`resnet18`: torchvision's and timm's) names them all, in
+    source order; otherwise the closest reference."""
+    bare = ref.rsplit(".", 1)[-1]
+    exact = [f"{prefix}.{bare}" for prefix in SOURCES if f"{prefix}.{bare}" in candidates and "." not in ref]
+    guess = " or ".join(f"'{c}'" for c in exact) if exact else None
     if guess is None:
-        bare = ref.rsplit(".", 1)[-1]
-        for prefix in SOURCES:
-            if f"{prefix}.{bare}" in candidates:
-                guess = f"{prefix}.{bare}"
-                break
+        close = did_you_mean(ref, candidates) or next(
+            (f"{prefix}.{bare}" for prefix in SOURCES if f"{prefix}.{bare}" in candidates), None)
+        guess = f"'{close}'" if close else None
     forms = ", ".join(f"{prefix}.<name>" for prefix in SOURCES)
-    hint = f"did you mean '{guess}'?" if guess else f"model references are {forms} or 'package.module:callable'"
+    hint = f"did you mean {guess}?" if guess else f"model references are {forms} or 'package.module:callable'"
     return XdslError(f"unknown {kind} '{ref}'", hint=hint)
 
 
@@ -177,11 +180,6 @@ def _constructor(ref: str, kwargs: dict[str, Any], spec_dir: Path | None, allow_
     check_model_ref(ref)
     if ref in MODELS:
         return MODELS.get(ref)
-    if "pretrained" in kwargs:
-        raise XdslError(
-            f"{ref}: 'pretrained' weights cannot be downloaded here",
-            hint='pass weights="path/to/state_dict.pt", a file saved with torch.save(model.state_dict())',
-        )
     source = _source(ref)
     assert source is not None  # check_model_ref refused references of no source
     return source.constructor(ref)
@@ -250,24 +248,32 @@ def _construct(ref: str, ctor: Callable[..., Any], kwargs: dict[str, Any], devic
     return model
 
 
+def _local_weights(weights: Any, spec_dir: Path | None) -> Path | None:
+    """The existing file `weights` names (relative to the working directory, then to the spec), if any."""
+    if not isinstance(weights, (str, Path)):
+        return None
+    path = Path(weights).expanduser()
+    candidates = [path] if path.is_absolute() else [path] + ([Path(spec_dir) / path] if spec_dir else [])
+    return next((c for c in candidates if c.is_file()), None)
+
+
 def _weights_file(ref: str, weights: Any, spec_dir: Path | None) -> Path:
     if not isinstance(weights, (str, Path)):
         raise XdslError(f"{ref}: weights must be a file path string, got {weights!r}")
     path = Path(weights).expanduser()
     if spec_dir is not None:
         resolve_spec_path(path, spec_dir, f"{ref}: weights")  # no `..` out of the spec's directory
-    candidates = [path] if path.is_absolute() else [path] + ([Path(spec_dir) / path] if spec_dir else [])
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
+    found = _local_weights(weights, spec_dir)
+    if found is not None:
+        return found
     if _WEIGHT_ENUM.match(str(weights)):
         raise XdslError(
-            f"{ref}: weights '{weights}' would need a download, which is impossible here",
-            hint="download the checkpoint elsewhere, save its state_dict with torch.save, "
-            'and pass weights="path/to/file.pt"',
+            f"{ref}: weights '{weights}' names torchvision weights, and {ref} is not a torchvision model",
+            hint="timm models take pretrained=true; any model takes a local state_dict, "
+            'weights="path/to/file.pt" (saved with torch.save(model.state_dict()))',
         )
-    where = " or ".join(str(c) for c in candidates)
-    raise XdslError(f"{ref}: weights file not found: {where}")
+    candidates = [path] if path.is_absolute() else [path] + ([Path(spec_dir) / path] if spec_dir else [])
+    raise XdslError(f"{ref}: weights file not found: {' or '.join(str(c) for c in candidates)}")
 
 
 def load_weights(model: nn.Module, path: Path, ref: str = "model") -> None:
@@ -302,15 +308,36 @@ def build_model(
     device: str = "cpu",
     spec_dir: Path | None = None,
     allow_imports: bool = False,
+    notes: list[str] | None = None,
 ) -> nn.Module:
     """Construct the network a spec names; `device="meta"` allocates nothing (for check-time shapes).
 
     `weights="file.pt"` (relative to the working directory, then to `spec_dir`) loads a local
-    state_dict into any model; on the meta device the file is only checked to exist.
+    state_dict into any model; on the meta device the file is only checked to exist. Torchvision's
+    `weights="IMAGENET1K_V1"`, timm's `pretrained=true` and `new_head=true` are `xdsl.compile.pretrained`'s;
+    what they loaded or replaced is appended to `notes` (the run header and `xdsl check` print it).
     """
     kwargs = dict(kwargs)
     weights = kwargs.pop("weights", None)
+    new_head = kwargs.pop("new_head", False)
+    notes = [] if notes is None else notes
+    if not isinstance(new_head, bool):
+        raise XdslError(f"{ref}: new_head must be true or false, got {new_head!r}")
     ctor = _constructor(ref, kwargs, spec_dir, allow_imports)
+    source = ref.split(".", 1)[0] if ":" not in ref and ref not in MODELS else None
+    kind = pretrained_kind(ref, source, kwargs, weights, lambda: _local_weights(weights, spec_dir) is not None)
+
+    def construct(c: Callable[..., Any], kw: dict[str, Any]) -> nn.Module:
+        return _construct(ref, c, kw, device)
+
+    if kind == "torchvision":
+        return load_torchvision(ref, weights, kwargs, new_head=new_head, device=device, construct=construct,
+                                notes=notes)
+    if kind == "timm":
+        return load_timm(ref, kwargs, new_head=new_head, device=device, construct=construct, notes=notes)
+    if new_head:
+        raise XdslError(f"{ref}: new_head=true replaces the classifier of pretrained weights, and there are none",
+                        hint='give weights="IMAGENET1K_V1" (torchvision models) or pretrained=true (timm models)')
     weights_path = _weights_file(ref, weights, spec_dir) if weights is not None else None
     model = _construct(ref, ctor, kwargs, device)
     if weights_path is not None and device != "meta":

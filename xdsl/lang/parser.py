@@ -211,6 +211,11 @@ class _ToAst(Transformer):
         return ast.Keyword("after", value, self._pos(meta))
 
     @v_args(meta=True)
+    def keyword_weights(self, meta, items):
+        (value,) = items
+        return ast.Keyword("weights", value, self._pos(meta))
+
+    @v_args(meta=True)
     def comprehension(self, meta, items):
         body, var, iterable = items
         return ast.Comprehension(body, str(var), iterable, self._pos(meta))

@@ -502,6 +502,8 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
     data_line = bundle.use_device(device)  # batched uint8 pipeline on `device`, or per-sample loaders
     for line in [data_line, *bundle.notes]:
         logger.console.print(f"[dim]data {program.data.name}: {line}[/]")
+    for line in exp.compiled.notes:  # pretrained weights loaded, classifiers replaced
+        logger.console.print(line, style="dim", markup=False, highlight=False)
     initial_state = {k: v.detach().clone() for k, v in exp.compiled.root.state_dict().items()}
     snapshots = _uses_snapshots(program)
     results: dict[str, Any] = {"spec": str(spec), "seed": seed, "device": str(device), "data": data_line,

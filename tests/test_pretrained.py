@@ -1,0 +1,233 @@
+"""Pretrained weights from the local torch hub cache (torchvision's weights API, timm's pretrained_cfg),
+never downloaded: the file torchvision expects under a temporary TORCH_HOME is loaded exactly, a missing
+one is a note at check time and an error naming the file at run time, `new_head=true` re-initialises
+only the classifier."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from typer.testing import CliRunner
+
+from xdsl.cli import app
+from xdsl.compile.build import build_model
+from xdsl.compile.pretrained import find_heads, hub_checkpoint
+from xdsl.errors import SpecError, XdslError
+from xdsl.experiment import compile_program
+
+R18_FILE = "resnet18-f37072fd.pth"  # basename of ResNet18_Weights.IMAGENET1K_V1.url
+
+
+@functools.lru_cache(maxsize=1)
+def _r18_state() -> dict[str, torch.Tensor]:
+    """A randomly initialised resnet18 (seed 7): distinguishable from any other initialisation."""
+    torch.manual_seed(7)
+    return {k: v.clone() for k, v in torchvision.models.resnet18().state_dict().items()}
+
+
+@pytest.fixture
+def torch_home(tmp_path: Path, monkeypatch) -> Path:
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+@pytest.fixture
+def r18_file(torch_home: Path) -> Path:
+    file = torch_home / "hub" / "checkpoints" / R18_FILE
+    file.parent.mkdir(parents=True)
+    torch.save(_r18_state(), file)
+    return file
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], skip: str = "~") -> bool:
+    return all(torch.equal(a[k], b[k]) for k in b if not k.startswith(skip)) and set(a) == set(b)
+
+
+def test_the_file_name_is_the_one_torchvision_downloads_to(torch_home: Path) -> None:
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    assert hub_checkpoint(url) == torch_home / "hub" / "checkpoints" / R18_FILE
+
+
+@pytest.mark.parametrize("name", ["IMAGENET1K_V1", "DEFAULT", "ResNet18_Weights.IMAGENET1K_V1"])
+def test_torchvision_weights_load_exactly_the_cached_file(r18_file: Path, name: str) -> None:
+    notes: list[str] = []
+    model = build_model("torchvision.resnet18", {"weights": name}, notes=notes)
+    assert _equal(model.state_dict(), _r18_state())
+    assert notes == [f"torchvision.resnet18 weights {name}{' (= IMAGENET1K_V1)' if name == 'DEFAULT' else ''}: "
+                     f"{r18_file}"]
+
+
+def test_missing_file_is_an_error_naming_file_directory_and_url(torch_home: Path) -> None:
+    with pytest.raises(XdslError) as err:
+        build_model("torchvision.resnet18", {"weights": "IMAGENET1K_V1"})
+    expected = torch_home / "hub" / "checkpoints" / R18_FILE
+    assert str(expected) in err.value.message and "never downloads" in err.value.message
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in err.value.hint
+    assert str(expected.parent) in err.value.hint
+
+
+def test_on_meta_a_missing_file_is_a_note_and_nothing_is_read(torch_home: Path) -> None:
+    notes: list[str] = []
+    model = build_model("torchvision.resnet18", {"weights": "IMAGENET1K_V1"}, device="meta", notes=notes)
+    assert all(p.is_meta for p in model.parameters())
+    assert len(notes) == 1 and "is not there yet" in notes[0] and R18_FILE in notes[0]
+
+
+def test_new_head_replaces_only_the_classifier(r18_file: Path) -> None:
+    notes: list[str] = []
+    torch.manual_seed(0)
+    model = build_model("torchvision.resnet18", {"weights": "IMAGENET1K_V1", "num_classes": 200, "new_head": True},
+                        notes=notes)
+    assert model.fc.out_features == 200 and model.fc.weight.shape == (200, 512)
+    assert _equal({k: v for k, v in model.state_dict().items() if not k.startswith("fc.")},
+                  {k: v for k, v in _r18_state().items() if not k.startswith("fc.")})
+    assert not torch.equal(model.fc.weight[:200], _r18_state()["fc.weight"][:200])
+    assert notes[-1] == "torchvision.resnet18 fc: 1000 -> 200 classes, re-initialised"
+    bound = 1 / 512 ** 0.5  # nn.Linear's default init, as resnet18(num_classes=200) initialises its fc
+    assert model.fc.weight.abs().max() <= bound and model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 200)
+
+
+def test_without_new_head_a_class_count_mismatch_says_to_add_it(torch_home: Path) -> None:
+    with pytest.raises(XdslError) as err:
+        build_model("torchvision.resnet18", {"weights": "IMAGENET1K_V1", "num_classes": 200}, device="meta")
+    assert "1000 classes" in err.value.message and "new_head=true" in err.value.hint
+
+
+def test_bad_weight_names_get_did_you_mean(torch_home: Path) -> None:
+    with pytest.raises(XdslError) as err:
+        build_model("torchvision.resnet18", {"weights": "IMAGENET1K_V2"}, device="meta")
+    assert err.value.message == "torchvision.resnet18: unknown weights 'IMAGENET1K_V2'"
+    assert err.value.hint.startswith("did you mean 'IMAGENET1K_V1'?")
+    with pytest.raises(XdslError) as err:
+        build_model("torchvision.resnet18", {"weights": "ResNet50_Weights.IMAGENET1K_V2"}, device="meta")
+    assert "not resnet18's" in err.value.message and "ResNet18_Weights" in err.value.hint
+    with pytest.raises(XdslError, match="not pretrained"):
+        build_model("torchvision.resnet18", {"pretrained": True}, device="meta")
+    with pytest.raises(XdslError, match="new_head=true replaces the classifier of pretrained weights"):
+        build_model("torchvision.resnet18", {"new_head": True}, device="meta")
+
+
+def test_a_local_file_still_wins_and_weight_names_need_torchvision(tmp_path: Path, torch_home: Path) -> None:
+    torch.save(_r18_state(), tmp_path / "DEFAULT")  # a file named like a weights enum is a file
+    model = build_model("torchvision.resnet18", {"weights": "DEFAULT"}, spec_dir=tmp_path)
+    assert _equal(model.state_dict(), _r18_state())
+    with pytest.raises(XdslError, match="names torchvision weights"):
+        build_model("builtin.cnn", {"weights": "IMAGENET1K_V1"}, device="meta")
+
+
+def test_a_file_that_does_not_fit_is_one_error(torch_home: Path) -> None:
+    file = torch_home / "hub" / "checkpoints" / R18_FILE
+    file.parent.mkdir(parents=True)
+    torch.save({"fc.weight": torch.zeros(3, 3)}, file)
+    with pytest.raises(XdslError, match="do not fit"):
+        build_model("torchvision.resnet18", {"weights": "IMAGENET1K_V1"})
+    file.write_bytes(b"not a checkpoint")
+    with pytest.raises(XdslError, match="cannot read"):
+        build_model("torchvision.resnet18", {"weights": "IMAGENET1K_V1"})
+
+
+def test_find_heads_generic() -> None:
+    with torch.device("meta"):
+        assert find_heads(torchvision.models.resnet18(), 1000) == ["fc"]
+        assert find_heads(torchvision.models.vgg11(), 1000) == ["classifier.6"]
+        assert find_heads(torchvision.models.vit_b_16(), 1000) == ["heads.head"]
+        assert find_heads(torchvision.models.squeezenet1_0(), 1000) == ["classifier.1"]
+        assert find_heads(torchvision.models.googlenet(aux_logits=True, init_weights=False), 1000) == \
+            ["aux1.fc2", "aux2.fc2", "fc"]
+
+
+def test_new_head_on_meta_for_other_torchvision_families(torch_home: Path) -> None:
+    for ref, head in [("torchvision.mobilenet_v2", "classifier.1"), ("torchvision.densenet121", "classifier"),
+                      ("torchvision.squeezenet1_1", "classifier.1")]:
+        notes: list[str] = []
+        model = build_model(ref, {"weights": "DEFAULT", "num_classes": 751, "new_head": True}, device="meta",
+                            notes=notes)
+        assert notes[-1] == f"{ref} {head}: 1000 -> 751 classes, re-initialised"
+        assert model.get_submodule(head).weight.shape[0] == 751
+
+
+SPEC = """data synthetic(shape=[3, 32, 32], num_classes=200, train_size=8, test_size=8, batch_size=4)
+network net = torchvision.resnet18(weights="IMAGENET1K_V1", num_classes=200, new_head=true)
+train t { minimize ce(net, y) wrt net; optimizer sgd(lr=1e-9); epochs 1; max_steps 1 }
+"""
+
+
+def test_spec_check_notes_and_build_through_assemble(tmp_path: Path, torch_home: Path) -> None:
+    spec = tmp_path / "p.xspec"
+    spec.write_text(SPEC)
+    result = CliRunner().invoke(app, ["check", "--strict", str(spec)])
+    assert result.exit_code == 0 and result.output.startswith(f"ok: {spec}: "), result.output
+    assert "note: network net: torchvision.resnet18 weights IMAGENET1K_V1:" in result.output
+    assert "is not there yet" in result.output and "fc: 1000 -> 200 classes, re-initialised" in result.output
+    with pytest.raises(SpecError) as err:  # a run compiles on a real device before training
+        compile_program(spec, device="cpu")
+    assert err.value.pos is not None and err.value.pos.line == 2 and R18_FILE in err.value.message
+    file = torch_home / "hub" / "checkpoints" / R18_FILE
+    file.parent.mkdir(parents=True)
+    torch.save(_r18_state(), file)
+    compiled = compile_program(spec, device="cpu")
+    assert _equal(compiled.networks["net"].state_dict(), _r18_state(), skip="fc.")
+    assert compiled.num_classes == 200 and compiled.notes[-1].endswith("fc: 1000 -> 200 classes, re-initialised")
+
+
+def test_run_prints_the_head_and_trains_from_the_loaded_weights(tmp_path: Path, r18_file: Path, capsys) -> None:
+    from xdsl.train.runner import RunOptions, run
+
+    spec = tmp_path / "p.xspec"
+    spec.write_text(SPEC)
+    torch.set_num_threads(1)
+    run(spec, RunOptions(out=tmp_path / "run", quiet=False, device="cpu", compile=False, amp="none", threads=1))
+    assert "network net: torchvision.resnet18 fc: 1000 -> 200 classes, re-initialised" in capsys.readouterr().out
+    final = torch.load(tmp_path / "run" / "checkpoints" / "t" / "final.pt", weights_only=True)
+    saved = {k[len("parts.net.all."):]: v for k, v in final["modules"].items() if k.startswith("parts.net.all.")}
+    # lr 1e-9: the trained weights are the loaded ones (BatchNorm running statistics aside)
+    assert all(torch.allclose(saved[k], v, atol=1e-6) for k, v in _r18_state().items()
+               if not k.startswith("fc.") and "running" not in k and "num_batches" not in k)
+    assert saved["fc.weight"].shape == (200, 512)
+
+
+def test_timm_pretrained_from_the_torch_hub_cache(torch_home: Path, tmp_path: Path, monkeypatch) -> None:
+    timm = pytest.importorskip("timm")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty Hugging Face cache
+    cfg = timm.models.get_pretrained_cfg("resnet18")
+    file = hub_checkpoint(cfg.url)
+    file.parent.mkdir(parents=True)
+    torch.manual_seed(3)
+    state = timm.create_model("resnet18").state_dict()
+    torch.save(state, file)
+    notes: list[str] = []
+    model = build_model("timm.resnet18", {"pretrained": True}, notes=notes)
+    assert _equal(model.state_dict(), state) and notes == [f"timm.resnet18 weights pretrained "
+                                                           f"({cfg.hf_hub_id}): {file}"]
+    model = build_model("timm.resnet18", {"pretrained": True, "num_classes": 10, "new_head": True}, notes=notes)
+    assert model.fc.out_features == 10 and notes[-1] == "timm.resnet18 fc: 1000 -> 10 classes, re-initialised"
+    file.unlink()
+    with pytest.raises(XdslError) as err:
+        build_model("timm.resnet18", {"pretrained": True})
+    assert str(file) in err.value.message and cfg.url in err.value.hint
+    with pytest.raises(XdslError) as err:
+        build_model("timm.resnet18", {"pretrained": True, "num_classes": 10}, device="meta")
+    assert "new_head=true" in err.value.hint
+
+
+def test_timm_pretrained_from_the_hugging_face_cache(torch_home: Path, tmp_path: Path, monkeypatch) -> None:
+    timm = pytest.importorskip("timm")
+    safetensors = pytest.importorskip("safetensors.torch")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    cfg = timm.models.get_pretrained_cfg("resnet18")
+    repo = tmp_path / "hf" / f"models--{cfg.hf_hub_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    torch.manual_seed(5)
+    state = timm.create_model("resnet18").state_dict()
+    file = repo / "snapshots" / "abc123" / "model.safetensors"
+    safetensors.save_file({k: v.contiguous() for k, v in state.items()}, str(file))
+    notes: list[str] = []
+    model = build_model("timm.resnet18", {"pretrained": True}, notes=notes)
+    assert _equal(model.state_dict(), state) and notes[-1].endswith(str(file))
