@@ -204,8 +204,23 @@ def _centre_box(recipe: Recipe, h: int, w: int) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------- per sample
 
 
+def _affine(recipe: Recipe, channels: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(scale, bias), (C, 1, 1) float32: uint8 x -> x * scale + bias is (x / 255 - mean) / std in one pass.
+
+    Computed in float64 and rounded once, so both pipelines use the very same two numbers per channel
+    (identical results, within float rounding of torchvision's to_dtype + normalize)."""
+    mean = torch.tensor(recipe.mean, dtype=torch.float64).expand(channels) if len(recipe.mean) == 1 \
+        else torch.tensor(recipe.mean, dtype=torch.float64)
+    std = torch.tensor(recipe.std, dtype=torch.float64).expand(channels) if len(recipe.std) == 1 \
+        else torch.tensor(recipe.std, dtype=torch.float64)
+    scale, bias = 1.0 / (255.0 * std), -mean / std
+    return scale.float().view(-1, 1, 1).to(device), bias.float().view(-1, 1, 1).to(device)
+
+
 def _to_float(img: Tensor, recipe: Recipe) -> Tensor:
-    return F.normalize(F.to_dtype(img, torch.float32, scale=True), list(recipe.mean), list(recipe.std))
+    """uint8 (C, H, W) -> normalised float32, the same arithmetic as the batched `_normalise`."""
+    scale, bias = _affine(recipe, img.shape[-3], img.device)
+    return img.to(torch.float32).mul_(scale).add_(bias)
 
 
 def augment_one(img: Tensor, box: tuple[int, int, int, int, bool], recipe: Recipe) -> Tensor:
@@ -241,14 +256,15 @@ def augment_batch(images: Tensor, draws: Draws, recipe: Recipe) -> Tensor:
 
 
 def _normalise(images: Tensor, recipe: Recipe) -> Tensor:
-    """uint8 -> float in [0, 1] -> (x - mean) / std: torchvision's to_dtype + normalize, op for op (so
-    bit-identical to the per-sample path), in place and without their per-call overhead."""
-    x = images.to(torch.float32) if images.dtype == torch.uint8 else images
+    """uint8 -> (x / 255 - mean) / std as one multiply-add per element, in place (as `_to_float` does
+    per image, so the two pipelines agree bit for bit); float input (already in [0, 1], the resized
+    crop) -> (x - mean) / std as torchvision's normalize."""
     if images.dtype == torch.uint8:
-        x.mul_(1.0 / 255)  # (uint8 * 1/255 in one op takes a slow mixed-dtype path on CPU)
-    mean = torch.as_tensor(recipe.mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    std = torch.as_tensor(recipe.std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-    return x.sub_(mean).div_(std)
+        scale, bias = _affine(recipe, images.shape[-3], images.device)
+        return images.to(torch.float32).mul_(scale).add_(bias)
+    mean = torch.as_tensor(recipe.mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    std = torch.as_tensor(recipe.std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    return images.sub_(mean).div_(std)
 
 
 def _crop_flip_batch(images: Tensor, draws: Draws, recipe: Recipe) -> Tensor:
