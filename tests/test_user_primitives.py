@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import xdsl
-from xdsl.errors import SpecError
+from xdsl.errors import SpecError, SpecErrors
 from xdsl.lang.check import check
 from xdsl.lang.format import format_spec
 from xdsl.lang.parser import parse, parse_file
@@ -144,3 +144,88 @@ def test_the_cli_runs_the_example(tmp_path):
     assert result.exit_code == 0, result.output
     result = CliRunner().invoke(app, ["expand", str(EXAMPLE / "user_loss.xspec")])
     assert result.exit_code == 0 and "primitive focal" in result.output
+
+
+PROBED = '''
+import torch
+import torch.nn.functional as F
+
+def kwonly(p, y, *, gamma=2.0):
+    return gamma * F.cross_entropy(p, y)
+
+def per_sample(p, y):
+    return F.cross_entropy(p, y, reduction="none")
+
+def integer(p, y):
+    return 3
+
+def raises(p, y):
+    raise RuntimeError("boom")
+
+def detached(p, y):
+    return F.cross_entropy(p.detach(), y)
+
+def leaky(t, s):
+    torch.rand(3)  # draws from the global generator: the probe must not move the trainer's stream
+    return F.mse_loss(s, t)
+'''
+
+
+def _probe_error(spec_dir: Path, fn: str, call: str, kinds: str = "p=logits, y=labels", learns: str = "") -> str:
+    from xdsl.experiment import compile_program
+
+    (spec_dir / "probed.py").write_text(PROBED)
+    sys.modules.pop("probed", None)
+    (spec_dir / "s.xspec").write_text(
+        "data digits()\nnetwork net1, net2 = builtin.cnn(num_classes=10, in_channels=1, width=4)\n"
+        f'primitive f = "probed:{fn}"({kinds}){learns}\n'
+        f"train t {{ minimize {call} wrt s for s in [net1, net2] }}\n")
+    with pytest.raises(SpecError) as info:  # one error for the cohort's two calls at one place
+        compile_program(spec_dir / "s.xspec", device="meta")
+    e = info.value
+    assert (e.pos.line, e.pos.col) == (4, 20)
+    return f"{e.message} | {e.hint}"
+
+
+@pytest.mark.parametrize("fn, expected", [
+    ("per_sample", "returned a torch.float32 tensor of shape (2,); a loss primitive returns a floating-point scalar"),
+    ("integer", "returned a value of type int"),
+    ("raises", "raised RuntimeError: boom"),
+    ("detached", "sends no gradient into 'p', which the declaration says learns"),
+])
+def test_a_function_that_does_not_do_what_its_declaration_says_is_a_located_error(spec_dir, fn, expected):
+    message = _probe_error(spec_dir, fn, "f(s, y)")
+    assert f"primitive 'f' ('probed:{fn}') called as f(net1, y) on a batch of 2 (p: logits (2, 10), y: labels (2,))" \
+        in message
+    assert expected in message
+
+
+def test_a_target_that_is_not_detached_is_a_located_error_and_the_probe_keeps_the_random_stream(spec_dir):
+    state = torch.get_rng_state()
+    message = _probe_error(spec_dir, "leaky", "f(net2, s)", "t=logits, s=logits", " learns s")
+    assert "sends gradient into 't', which the declaration says is a detached target" in message
+    assert "t.detach()" in message
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_keyword_only_parameters_are_passed_by_keyword(spec_dir):
+    (spec_dir / "probed.py").write_text(PROBED)
+    sys.modules.pop("probed", None)
+    (spec_dir / "s.xspec").write_text(
+        "data digits()\nnetwork net1 = builtin.cnn(num_classes=10, in_channels=1, width=4)\n"
+        'primitive f = "probed:kwonly"(p=logits, y=labels, gamma=number)\n'
+        "train t { minimize f(net1, y, gamma=3) wrt net1 }\n")
+    exp = xdsl.load(spec_dir / "s.xspec")
+    exp.use_stage("t")
+    x, y = torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,))
+    torch.testing.assert_close(exp.objectives(x, y)["net1"], 3 * F.cross_entropy(exp.forward("net1", x), y))
+
+
+def test_a_declaration_that_fails_reports_once_not_at_every_call(spec_dir):
+    text = HEAD.replace("my_losses:focal", "my_losses:focl") + "train t { minimize focal(net1, y, gamma=2) wrt net1 }\n"
+    e = _error(spec_dir, text)  # one error (a SpecErrors would list the calls as unknown names too)
+    assert "did you mean 'my_losses:focal'" in e.hint and e.pos.line == 3
+    # the calls are still checked against the declared kinds
+    with pytest.raises(SpecErrors) as info:
+        _check(spec_dir, text.replace("focal(net1, y, gamma=2)", "focal(net1, net2)"))
+    assert "'y' takes the labels y, got a network" in info.value.render()

@@ -24,6 +24,7 @@ from xdsl.compile.assemble import Compiled, assemble
 from xdsl.compile.graph import module_target, objective_node, term_leaves, term_node
 from xdsl.compile.lower import Lowered, lower, path_module
 from xdsl.compile.optim import make_optimizer, make_scheduler
+from xdsl.compile.probe import probe_user_primitives
 from xdsl.distributed import all_reduce_grads, is_distributed, wrap_objective
 from xdsl.errors import SpecError, XdslError, XdslWarning
 from xdsl.lang import ir
@@ -49,8 +50,10 @@ def compile_program(path: str | Path, *, device: str | torch.device = "cpu", all
     program = check(apply_overrides(parse_file(path), overrides or {}), strict=strict, allow_imports=allow_imports)
     for w in program.warnings:
         warnings.warn(XdslWarning(w.render()), stacklevel=2)
-    return assemble(program, device=device, spec_dir=path.resolve().parent, allow_imports=allow_imports,
-                    input_shape=input_shape)
+    compiled = assemble(program, device=device, spec_dir=path.resolve().parent, allow_imports=allow_imports,
+                        input_shape=input_shape)
+    probe_user_primitives(compiled)
+    return compiled
 
 
 class Experiment:

@@ -110,6 +110,15 @@ class LossSpec:
     # tensor param -> ALWAYS (a prediction) or the name of the bool param that lets gradient into it
     # (a target, detached unless that keyword is true); tensor params not listed never carry gradient
     grads: tuple[tuple[str, bool | str], ...] = ()
+    # parameters the function takes only by keyword (a user primitive's `*, gamma=2.0`)
+    keyword_only: frozenset[str] = frozenset()
+
+    def split_args(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """A call's arguments, in the signature's order, as the function takes them: (positional, keyword)."""
+        if not self.keyword_only:
+            return args, {}
+        positional = tuple(a for p, a in zip(self.params, args, strict=True) if p.name not in self.keyword_only)
+        return positional, {p.name: a for p, a in zip(self.params, args, strict=True) if p.name in self.keyword_only}
 
     @property
     def usage(self) -> str:

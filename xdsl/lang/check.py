@@ -15,7 +15,7 @@ from xdsl.lang import ast, ir
 from xdsl.lang.augment import soft_label_errors, split_augment
 from xdsl.lang.flow import dead_terms
 from xdsl.lang.macros import expand_macros
-from xdsl.lang.primitives import declare_primitive
+from xdsl.lang.primitives import declare_primitive, declared_only
 from xdsl.lang.settings import DEFAULT_OPTIMIZER, OPTIMIZERS, ORDERS, REQUIRED, SCHEDULES, SETTINGS
 from xdsl.lang.terms import BUILTIN_FUNCS, WHOLE, TermChecker, _hint
 from xdsl.lang.values import (
@@ -192,8 +192,8 @@ class _Checker(TermChecker):
             spec = declare_primitive(s, spec_dir, self.allow_imports)
         except SpecError as e:
             self.errors.append(e)
-            return
-        if self._declare(s.name, s.pos):
+            spec = declared_only(s)  # its calls are still checked, not each reported as an unknown name
+        if spec is not None and self._declare(s.name, s.pos):
             self.user_primitives[s.name] = spec
 
     def stmt_primitivedecl(self, s: ast.PrimitiveDecl) -> None:  # declared before the other statements

@@ -18,7 +18,7 @@ from xdsl.losses import ALWAYS, KINDS, LOSSES, REQUIRED, LossParam, LossSpec
 from xdsl.registry import did_you_mean
 from xdsl.user_code import user_callable
 
-__all__ = ["declare_primitive"]
+__all__ = ["declare_primitive", "declared_only"]
 
 _TENSOR_KINDS = ("logits", "features")
 
@@ -36,7 +36,27 @@ def declare_primitive(decl: ast.PrimitiveDecl, spec_dir: Path | None, allow_impo
     params = _params(decl, fn, kinds)
     grads = _grads(decl, kinds)
     doc = inspect.getdoc(fn) or f"user loss {decl.ref}"
-    return LossSpec(decl.name, fn, params, doc, (), grads)
+    keyword_only = frozenset(p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY)
+    return LossSpec(decl.name, fn, params, doc, (), grads, keyword_only)
+
+
+def declared_only(decl: ast.PrimitiveDecl) -> LossSpec | None:
+    """What a declaration alone says, for a primitive whose function could not be checked: its calls are
+    still checked against the declared kinds instead of each being reported as an unknown name."""
+    if decl.name in LOSSES:
+        return None
+    try:
+        kinds = _kinds(decl)
+        grads = _grads(decl, kinds)
+    except SpecError:
+        return None
+    placeholder = {"number": 1.0, "bool": False}
+    params = tuple(LossParam(n, k, placeholder.get(k, REQUIRED)) for n, k in kinds.items())
+    return LossSpec(decl.name, _unavailable, params, f"user loss {decl.ref} (not importable)", (), grads)
+
+
+def _unavailable(*args, **kwargs):
+    raise XdslError("this user loss primitive's declaration has errors")
 
 
 def _kinds(decl: ast.PrimitiveDecl) -> dict[str, str]:
