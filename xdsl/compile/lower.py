@@ -220,8 +220,7 @@ def lower(g: nx.DiGraph, root: nn.Module, stage: ir.Stage, networks: tuple[str, 
         args = tuple(emit_arg(a, net) for a in term.args)
         key = (term_node(term), tuple(a for a in args if isinstance(a, fx.Node)))  # constants are in the text
         if key not in term_values:
-            spec = primitive_spec(term)
-            term_values[key] = graph.call_function(spec.fn, *spec.split_args(args))
+            term_values[key] = graph.call_function(primitive_spec(term).fn, *primitive_spec(term).split_args(args))
             if key[0] not in term_reported:
                 term_reported[key[0]] = term_values[key]
                 term_names.append(key[0])
