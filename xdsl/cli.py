@@ -1,4 +1,4 @@
-"""The `xdsl` command line: check | expand | compile | graph | run | sweep | compare | eval.
+"""The `xdsl` command line: check | expand | compile | graph | run | sweep | compare | eval | models.
 
 Errors in specs, data or checkpoints print as one located message and exit with code 2;
 a Python traceback appears only with `--debug`.
@@ -309,6 +309,66 @@ def eval_cmd(spec: Path = SpecArg,
         evaluate_checkpoint(spec, checkpoint, device=device, allow_imports=allow_imports)
     except XdslError as e:
         _fail(e)
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    import re
+
+    text = text.replace(" ", "")
+    shape = tuple(int(v) for v in re.split(r"[,x]", text)) if re.fullmatch(r"\d+([,x]\d+)*", text) else ()
+    if not shape or any(d < 1 for d in shape):
+        raise XdslError(f"--input takes positive integers like 3,224,224, got '{text}'")
+    return shape
+
+
+@app.command("models")
+def models_cmd(pattern: str | None = typer.Argument(None, help="a glob (*resnet*) or a substring of the name"),
+               spec: Path | None = typer.Option(None, "--spec", help="also list the user models beside this spec"),
+               directory: Path | None = typer.Option(None, "--dir", help="also list the user models in this folder"),
+               params: bool = typer.Option(True, "--params/--no-params", help="count parameters (meta device)"),
+               cuts: str | None = typer.Option(None, "--cuts", help="print the cut points of this model and the "
+                                                                     "output shape at each"),
+               input_shape: str | None = typer.Option(None, "--input", help="input shape for --cuts, e.g. 3,224,224 "
+                                                      "(default: a builtin's own, else 3,224,224)"),
+               ) -> None:
+    """List the models a spec can name (builtin, torchvision, timm, user modules) with their parameter counts."""
+    from rich.table import Table
+
+    from xdsl.compile.catalog import cut_shapes, list_models
+    from xdsl.console import make_console, print_table
+
+    user_dir = directory if directory is not None else spec.resolve().parent if spec is not None else None
+    console = make_console()
+    try:
+        if user_dir is not None and not Path(user_dir).is_dir():
+            raise XdslError(f"'{user_dir}' is not a directory")
+        if cuts is not None:
+            shape = _parse_shape(input_shape) if input_shape else None
+            _, shape, rows = cut_shapes(cuts, shape, user_dir=user_dir)
+            table = Table(title=f"cut points of {cuts} (input {shape}): cut ... at \"<point>\"")
+            table.add_column("cut point", no_wrap=True)
+            table.add_column("output shape", no_wrap=True)
+            for point, out in rows:
+                table.add_row(point, str(out))
+            print_table(console, table)
+            return
+        entries, notes = list_models(pattern, user_dir=user_dir, params=params)
+    except XdslError as e:
+        _fail(e)
+    if not entries:
+        _fail(XdslError(f"no model matches '{pattern}'", hint="a glob like '*resnet*' or a part of the name"))
+    table = Table(title=f"{len(entries)} models" + (f" matching '{pattern}'" if pattern else ""))
+    table.add_column("model", no_wrap=True)
+    table.add_column("source", no_wrap=True)
+    if params:
+        table.add_column("params", justify="right", no_wrap=True)
+    table.add_column("keywords / weights")
+    for e in entries:
+        count = f"{e.params:,}" if e.params is not None else ("?" if e.error else "")
+        table.add_row(e.ref, e.source, *([count] if params else []), "; ".join(t for t in (e.takes, e.error) if t))
+    print_table(console, table)
+    for note in notes:
+        typer.echo(f"note: {note}")
 
 
 def main() -> None:

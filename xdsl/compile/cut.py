@@ -22,7 +22,7 @@ from torch import fx, nn
 from xdsl.errors import XdslError
 from xdsl.registry import did_you_mean
 
-__all__ = ["trace_model", "cut_model", "cut_points_available", "compose"]
+__all__ = ["trace_model", "cut_model", "cut_points_available", "cut_point_nodes", "compose"]
 
 
 @functools.cache
@@ -226,6 +226,12 @@ def cut_points_available(model: nn.Module | fx.GraphModule, max_depth: int = 2) 
     """Module paths up to `max_depth` dots deep (`layer2`, `layer2.0`) where a cut is valid, in order."""
     g = _Graph(model if isinstance(model, fx.GraphModule) else trace_model(model))
     return _available(g, max_depth)
+
+
+def cut_point_nodes(gm: fx.GraphModule, max_depth: int = 2) -> dict[str, str]:
+    """Each valid cut point of a traced network -> the name of the fx node whose output crosses it."""
+    g = _Graph(gm)
+    return {p: g.nodes[g.position(p)].name for p in _available(g, max_depth)}  # type: ignore[index]
 
 
 def _available(g: _Graph, max_depth: int = 2) -> list[str]:
