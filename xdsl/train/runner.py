@@ -24,6 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from xdsl import distributed as ddp
 from xdsl.checkpoint import load_checkpoint, load_latest, rng_state, save_atomic, set_rng_state
+from xdsl.compile.data_fit import check_data_fit
 from xdsl.data import DataBundle, build_data
 from xdsl.errors import SpecError, XdslError
 from xdsl.eval.evaluate import checkpoint_snapshots, default_items, evaluate_items
@@ -487,6 +488,7 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
     exp = _experiment(spec, opts, device)
     program, run = exp.program, RunDir(out)
     bundle, sampler = _data(spec, program, opts, seed, device)
+    check_data_fit(exp.compiled, bundle)  # class outputs against the built data's classes
     if opts.rank == 0:
         run.spec.write_text(format_spec(resolved_spec(program)))  # every setting as it ran
         _explain(run, exp.compiled)

@@ -1,0 +1,43 @@
+"""Outside checks: a user's mistakes found by attacking features from outside, each a located error."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from xdsl.cli import app
+from xdsl.compile.data_fit import check_data_fit
+from xdsl.data.bundle import DataBundle
+from xdsl.errors import SpecError
+from xdsl.experiment import compile_program
+
+
+def test_a_network_with_fewer_outputs_than_the_data_has_classes_fails_before_training(tmp_path: Path):
+    spec = tmp_path / "few.xspec"
+    spec.write_text("data digits(batch_size=32)\nnetwork s = builtin.cnn(num_classes=5, in_channels=1, width=4)\n"
+                    "train { minimize ce(s, y) wrt s; epochs 1 }\n")
+    result = CliRunner().invoke(app, ["run", str(spec), "--out", str(tmp_path / "run"), "--device", "cpu", "-q"])
+    assert result.exit_code == 2, result.output
+    assert "few.xspec:2:1: error: network 's' has 5 class outputs, but data digits has 10 classes" in result.output
+    assert "num_classes=10" in result.output and "Traceback" not in result.output
+    assert not list((tmp_path / "run").rglob("metrics.jsonl"))
+
+
+def test_mixup_needs_exactly_one_output_per_class(tmp_path: Path):
+    spec = tmp_path / "mix.xspec"
+    spec.write_text("data cifar10(augment=[mixup(alpha=0.2)])\n"
+                    "network a = builtin.mlp(in_features=3072, hidden=8, num_classes=100)\n"
+                    "network b = builtin.mlp(in_features=3072, hidden=8, num_classes=10)\n"
+                    "train { minimize ce(s, y) wrt s for s in [a, b]; epochs 1 }\n")
+    compiled = compile_program(spec, device="meta")
+    bundle = DataBundle(train=None, test=None, num_classes=10, input_shape=(3, 32, 32), batch_size=8,
+                        num_workers=0, name="cifar10", batch_mix=object())
+    with pytest.raises(SpecError) as info:
+        check_data_fit(compiled, bundle)
+    assert (info.value.pos.line, info.value.message) == (
+        2, "network 'a' has 100 class outputs, but data cifar10 has 10 classes "
+           "(mixup/cutmix labels have one column per class)")
+    bundle.batch_mix = None  # hard labels: more outputs than classes is the user's choice (ce takes it)
+    check_data_fit(compiled, bundle)
