@@ -79,7 +79,8 @@ def with_validation(bundle: DataBundle, fraction: float, seed: int) -> DataBundl
             f"parameter 'val_fraction' of dataset '{bundle.name}' = {fraction} leaves "
             f"{len(train_idx)} training and {len(val_idx)} validation samples",
             dataset=bundle.name, key="val_fraction")
-    changes: dict[str, Any] = {"train": _subset(bundle.train, train_idx), "val": _subset(eval_view(bundle.train), val_idx)}
+    changes: dict[str, Any] = {"train": _subset(bundle.train, train_idx),
+                               "val": _subset(eval_view(bundle.train), val_idx)}
     return dataclasses.replace(bundle, **changes)
 
 
