@@ -326,15 +326,17 @@ def _spec_in_order(spec: str, order: str, tmp_path):
 
 def _assert_blocks_train_alike(reference, candidate, batches, **tolerance) -> None:
     """Every train block from the same weights: equal losses per step, equal state after the block."""
+    if reference.compiled.terms:  # stateful terms (crd): memory for a 96-sample training set
+        reference.bind_data(torch.arange(96) % reference.compiled.num_classes, seed=0)
     candidate.compiled.root.load_state_dict(reference.compiled.root.state_dict())
     for stage in reference.program.stages:
         reference.use_stage(stage.name)
         candidate.use_stage(stage.name)
-        for x, y in batches:
-            random_state = torch.random.get_rng_state()  # `order random` draws the same order on both
-            want = reference.train_step(x, y)
+        for batch in batches:
+            random_state = torch.random.get_rng_state()  # `order random` (and crd's negatives) draw alike on both
+            want = reference.train_step(*batch)
             torch.random.set_rng_state(random_state)
-            got = candidate.train_step(x, y)
+            got = candidate.train_step(*batch)
             for net in want:
                 torch.testing.assert_close(got[net], want[net], msg=lambda m, n=f"{stage.name}/{net}": f"{n}: {m}")
         a, b = reference.compiled.root.state_dict(), candidate.compiled.root.state_dict()
@@ -343,10 +345,12 @@ def _assert_blocks_train_alike(reference, candidate, batches, **tolerance) -> No
                                        msg=lambda m, k=f"{stage.name}: {key}": f"{k}: {m}")
 
 
-def _random_batches(exp, count: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _random_batches(exp, count: int, seed: int) -> list[tuple[torch.Tensor, ...]]:
+    """(x, y), or (x, y, i) when a stateful term reads the sample indices (i among 96 samples)."""
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(12, *exp.compiled.input_shape, generator=g),
-             torch.randint(0, exp.compiled.num_classes, (12,), generator=g)) for _ in range(count)]
+             torch.randint(0, exp.compiled.num_classes, (12,), generator=g),
+             *((torch.randperm(96, generator=g)[:12],) if exp.needs_index else ())) for _ in range(count)]
 
 
 @pytest.mark.parametrize("order", ["as written", "simultaneous"])

@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["is_distributed", "rank", "world_size", "init_from_env", "wrap_objective", "all_reduce_grads",
-           "launch_torchrun", "barrier"]
+           "launch_torchrun", "barrier", "gather_batches", "all_reduce_mean"]
 
 
 def is_distributed() -> bool:
@@ -98,6 +98,32 @@ def all_reduce_grads(params: list[nn.Parameter]) -> None:
         n = g.numel()
         g.copy_(flat[offset:offset + n].view_as(g))
         offset += n
+
+
+def gather_batches(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each tensor concatenated over processes along dim 0, in rank order (itself outside torchrun).
+
+    Stateful loss terms update their memory with every process's samples this way (CRD's memory
+    banks), so the memory stays the same on every process. Batches have one size on every process
+    (DistributedSampler pads the epoch to a multiple of the process count).
+    """
+    if not is_distributed():
+        return tensors
+    out = []
+    for t in tensors:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        out.append(torch.cat(parts))
+    return tuple(out)
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """The mean of `t` over processes (`t` itself outside torchrun)."""
+    if not is_distributed():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:

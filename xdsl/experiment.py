@@ -4,6 +4,7 @@
     exp.forward("net1.up >> net2.down", x)   # logits of any path
     exp.objectives(x, y)                     # {"net1": loss, "net2": loss} of the current train block
     exp.train_step(x, y)                     # one optimisation step under the train block's order
+    exp.train_step(x, y, i)                  # ... with the batch's sample indices, for stateful terms (crd)
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from xdsl.compile.graph import module_target, objective_node, term_leaves, term_
 from xdsl.compile.lower import Lowered, lower, path_module
 from xdsl.compile.optim import make_optimizer, make_scheduler
 from xdsl.compile.probe import probe_user_primitives
+from xdsl.compile.stateful import bind_data
 from xdsl.distributed import all_reduce_grads, is_distributed, wrap_objective
 from xdsl.errors import SpecError, XdslError, XdslWarning
 from xdsl.lang import ir
@@ -92,6 +94,9 @@ class Experiment:
         self.term_values: dict[str, dict[str, list[torch.Tensor]]] = {}
         self._paths: dict[str, nn.Module] = {}
         self._parsed: dict[str, ir.Path] = {}
+        # stateful loss terms (xdsl.compile.stateful): module name -> the network that owns it
+        self.term_owners: dict[str, str] = {d["module"]: d["owner"] for _, d in self.graph.nodes(data=True)
+                                            if d.get("kind") == "term" and "module" in d}
         if self.program.stages:
             self.use_stage(self.program.stages[0].name)
 
@@ -102,10 +107,22 @@ class Experiment:
 
     # ---- ownership ----
     def owned_modules(self, net: str) -> list[nn.Module]:
-        """What `minimize ... wrt net` updates: the network and the adapters it owns."""
+        """What `minimize ... wrt net` updates: the network, the adapters and the stateful terms it owns."""
         owned = [self.networks[net]]
         owned += [m for name, m in self.adapters.items() if net in self.program.adapters[name].owners]
+        owned += [m for name, m in self.compiled.terms.items() if self.term_owners.get(name) == net]
         return owned
+
+    @property
+    def needs_index(self) -> bool:
+        """Whether the spec's objectives read the sample indices `i` (then batches are (x, y, i))."""
+        return any(d.get("kind") == "indices" for _, d in self.graph.nodes(data=True))
+
+    def bind_data(self, train_labels: torch.Tensor, seed: int | None = None) -> None:
+        """Size the stateful terms' per-sample state (CRD's memory banks) for a training set with these
+        labels, one per sample in the order `i` counts them; `seed` (default: torch's initial seed) draws
+        their initial values without touching the global random stream."""
+        bind_data(self.compiled.terms, train_labels, torch.initial_seed() if seed is None else seed)
 
     def owned_params(self, net: str) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}
@@ -235,12 +252,27 @@ class Experiment:
             raise XdslError("the spec has no train block, so there is no objective to compute or step")
         return self.stage
 
-    def objectives(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every trained network's objective on (x, y) under the current weights (no update)."""
+    def objectives(self, x: torch.Tensor, y: torch.Tensor, i: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Every trained network's objective on (x, y[, i]) under the current weights (no update: the
+        stateful terms' buffers, such as CRD's memory, are put back as they were)."""
         self._require_stage()
         self._check_batch(x, y)
-        losses, terms = self._all.module(x, y, self.clock(self._all))
+        saved = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in self.compiled.terms.items()}
+        losses, terms = self._call(self._all, x, y, i)
+        for name, state in saved.items():
+            self.compiled.terms[name].load_state_dict(state)
         return dict(zip(self._all.networks, losses))
+
+    def _call(self, lowered: Lowered, x: torch.Tensor, y: torch.Tensor, i: torch.Tensor | None):
+        """Run a generated objective module on a batch (with its sample indices when a term reads them)."""
+        if not lowered.uses_index:
+            return lowered.module(x, y, self.clock(lowered))
+        if not isinstance(i, torch.Tensor) or i.shape != y.shape:
+            raise XdslError("this objective reads the sample indices i (a stateful term such as crd), so a batch "
+                            "is (x, y, i): i the position of each sample in the training set",
+                            hint="pass them: train_step(x, y, i); DataBundle.train_loader(..., with_index=True) "
+                                 "yields them")
+        return lowered.module(x, y, self.clock(lowered), i)
 
     def clock(self, lowered: Lowered) -> torch.Tensor | None:
         """[epoch, epochs, step] as a float tensor on the device, for objectives with schedules (else None):
@@ -262,20 +294,22 @@ class Experiment:
             return order
         return nets
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One optimisation step of the current train block; returns each network's (detached) loss."""
-        return self.accumulate_step([(x, y)])
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, i: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """One optimisation step of the current train block; returns each network's (detached) loss.
+        `i`: the batch's sample indices, needed when a stateful term (crd) reads them."""
+        return self.accumulate_step([(x, y) if i is None else (x, y, i)])
 
-    def accumulate_step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    def accumulate_step(self, batches: list[tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
         """One optimisation step on several micro-batches (`accumulate N`): each network's gradient is
         the sample-weighted mean of its micro-batch gradients, i.e. the gradient of its objective on
         the concatenated batch (exact up to BatchNorm statistics, which see each micro-batch alone).
         Under `order alternating` a network's micro-batches all see the peers' weights of this step."""
         stage = self._require_stage()
-        for x, y in batches:
+        batches = [(b[0], b[1], b[2] if len(b) > 2 else None) for b in batches]
+        for x, y, _ in batches:
             self._check_batch(x, y)
-        total = sum(len(y) for _, y in batches)
-        weights = [len(y) / total for _, y in batches]
+        total = sum(len(y) for _, y, _ in batches)
+        weights = [len(y) / total for _, y, _ in batches]
         out: dict[str, torch.Tensor] = {}
         if stage.order == "simultaneous":
             grads = self._accumulated_joint_grads(batches, weights, out)
@@ -289,9 +323,9 @@ class Experiment:
             for net in self.update_order():
                 lowered = self._single[net]
                 self.optimizers[net].zero_grad(set_to_none=True)
-                for (x, y), w in zip(batches, weights):
+                for (x, y, i), w in zip(batches, weights):
                     with self.autocast():
-                        (loss,), terms = lowered.module(x, y, self.clock(lowered))
+                        (loss,), terms = self._call(lowered, x, y, i)
                     self._record_terms(lowered, terms)
                     scaled = loss * w if len(batches) > 1 else loss
                     self._scale(net, scaled).backward(inputs=self.params[net])
@@ -300,15 +334,16 @@ class Experiment:
         self.step_count += 1
         return out
 
-    def _accumulated_joint_grads(self, batches: list[tuple[torch.Tensor, torch.Tensor]], weights: list[float],
+    def _accumulated_joint_grads(self, batches: list[tuple], weights: list[float],
                                  out: dict[str, torch.Tensor]) -> dict[str, tuple]:
         """`_joint_grads` of each micro-batch, summed with the micro-batches' sample weights."""
         if len(batches) == 1:
-            return self._joint_grads(*batches[0], out, 1.0)
+            x, y, i = batches[0]
+            return self._joint_grads(x, y, out, 1.0, i)
         total: dict[str, list] = {}
-        for (x, y), w in zip(batches, weights):
+        for (x, y, i), w in zip(batches, weights):
             part: dict[str, torch.Tensor] = {}
-            grads = self._joint_grads(x, y, part, w)
+            grads = self._joint_grads(x, y, part, w, i)
             for net, gs in grads.items():
                 acc = total.setdefault(net, [None] * len(gs))
                 for i, g in enumerate(gs):
@@ -324,7 +359,7 @@ class Experiment:
         return loss if scaler is None else scaler.scale(loss)
 
     def _joint_grads(self, x: torch.Tensor, y: torch.Tensor, out: dict[str, torch.Tensor],
-                     weight: float = 1.0) -> dict[str, tuple]:
+                     weight: float = 1.0, i: torch.Tensor | None = None) -> dict[str, tuple]:
         """One forward of every objective, then each network's gradient of its own objective.
 
         Separable objectives (under torch.compile) share one backward of their sum. Otherwise, or
@@ -336,7 +371,7 @@ class Experiment:
         no_donation = functorch_config.patch(donated_buffer=False) if self.compile_mode else nullcontext()
         with no_donation:
             with self.autocast():
-                losses, terms = self._joint.module(x, y, self.clock(self._joint))
+                losses, terms = self._call(self._joint, x, y, i)
             self._record_terms(self._joint, terms)
             nets = self._joint.networks
             for net, loss in zip(nets, losses):

@@ -66,6 +66,7 @@ __all__ = [
     "rkd",
     "nst",
     "dist",
+    "crd",
 ]
 
 
@@ -81,8 +82,9 @@ class _Required(enum.Enum):
 REQUIRED = _Required.REQUIRED
 """Default of a parameter that must be given."""
 
-KINDS = frozenset({"logits", "features", "labels", "number", "bool"})
-"""Argument kinds: a net path gives ``logits`` or ``features``, ``y`` gives ``labels``."""
+KINDS = frozenset({"logits", "features", "labels", "indices", "number", "bool"})
+"""Argument kinds: a net path gives ``logits`` or ``features``, ``y`` gives ``labels``, ``i`` the batch's
+``indices`` (each sample's position in the training set)."""
 
 ALWAYS = True
 """``grads`` value of a prediction argument: gradient always flows into it."""
@@ -112,6 +114,10 @@ class LossSpec:
     grads: tuple[tuple[str, bool | str], ...] = ()
     # parameters the function takes only by keyword (a user primitive's `*, gamma=2.0`)
     keyword_only: frozenset[str] = frozenset()
+    # a stateful primitive: ``fn`` is called once per distinct term at compile time, with the per-sample
+    # shape of each tensor argument and the constant keywords, and returns the nn.Module that computes the
+    # term from the tensor arguments each step (its own parameters and buffers; see xdsl.compile.stateful)
+    stateful: bool = False
 
     def split_args(self, args: tuple[Any, ...]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """A call's arguments, in the signature's order, as the function takes them: (positional, keyword)."""
@@ -167,12 +173,14 @@ _NONNEG = (lambda v: v >= 0, "must be >= 0")
 def _primitive(
     constraints: dict[str, tuple[Callable[[float], bool], str]] | None = None,
     grads: dict[str, bool | str] | None = None,
+    stateful: bool = False,
     **kinds: str,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register ``fn`` in LOSSES; kinds are given per parameter, defaults come from the signature.
 
     ``grads`` declares which tensor arguments carry gradient (see ``LossSpec.grads``); it may be
-    left out only when there is one tensor argument (then the prediction).
+    left out only when there is one tensor argument (then the prediction). ``stateful``: ``fn`` builds
+    the term's module (see ``LossSpec.stateful``).
     """
 
     def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -194,7 +202,7 @@ def _primitive(
             if kinds.get(name) not in ("logits", "features") or not (rule is ALWAYS or kinds.get(rule) == "bool"):
                 raise AssertionError(f"{fn.__name__}: bad gradient rule {name}={rule!r}")
         LOSSES.register(fn.__name__, LossSpec(fn.__name__, fn, tuple(params), inspect.getdoc(fn) or "", cons,
-                                              tuple(flows.items())))
+                                              tuple(flows.items()), stateful=stateful))
         return fn
 
     return register
@@ -600,3 +608,35 @@ def dist(teacher: Tensor, p: Tensor, beta: float = 1.0, gamma: float = 1.0, T: f
     y_s = F.softmax(p / T, dim=1)
     y_t = F.softmax(teacher.detach() / T, dim=1)
     return (T * T) * (beta * _pearson_gap(y_s, y_t) + gamma * _pearson_gap(y_s.t(), y_t.t()))
+
+
+# ------------------------------------------------------------------------ stateful (modules with state)
+
+
+_WHOLE = (lambda v: v >= 1 and v == int(v), "must be a whole number >= 1")
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    return math.prod(shape)
+
+
+@_primitive(stateful=True, t="features", s="features", i="indices", y="labels", feat_dim="number",
+            nce_k="number", nce_t="number", nce_m="number", grads={"s": ALWAYS},
+            constraints={"feat_dim": _WHOLE, "nce_k": _WHOLE, "nce_t": _POSITIVE,
+                         "nce_m": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)")})
+def crd(t: Any, s: Any, i: Any, y: Any = None, feat_dim: float = 128, nce_k: float = 16384, nce_t: float = 0.07,
+        nce_m: float = 0.5) -> torch.nn.Module:
+    """Contrastive representation distillation (Tian et al. 2020; RepDistiller's CRDLoss), a stateful term.
+
+    Teacher and student features (flattened per sample, e.g. the pooled features ``t.body``, ``s.body`` of
+    networks cut before their classifier) are embedded by two linear heads into ``feat_dim`` dimensions and
+    L2-normalised; each is contrasted (NCE, temperature ``nce_t``) with the other side's memory bank row of
+    the same sample against ``nce_k`` negatives; the banks (one row per training sample) follow the
+    embeddings with momentum ``nce_m``. ``i``: the batch's sample indices; with ``y`` the negatives come from
+    other classes (RepDistiller's default 'exact' mode). The heads are owned by the network the term is
+    minimised for. Teacher detached. Use: ``crd(t.body, s.body, i, y)``, weighted beside the labels:
+    ``ce(s, y) + 0.8 * crd(t.body, s.body, i, y)`` (RepDistiller's CIFAR-100 weights).
+    """
+    from xdsl.contrastive import CRD
+
+    return CRD(_numel(t), _numel(s), int(feat_dim), int(nce_k), float(nce_t), float(nce_m))

@@ -18,6 +18,7 @@ from xdsl.compile.build import build_model
 from xdsl.compile.cut import cut_model
 from xdsl.compile.features import FeaturePaths
 from xdsl.compile.graph import build_graph, path_node
+from xdsl.compile.stateful import build_term_modules
 from xdsl.compile.weights import load_network_weights, split_selector
 from xdsl.data.params import resolve_spec_path
 from xdsl.errors import SpecError, SpecErrors, XdslError
@@ -68,6 +69,12 @@ class Compiled:
     @property
     def adapters(self) -> dict[str, nn.Module]:
         return dict(self.root.adapters.items())
+
+    @property
+    def terms(self) -> dict[str, nn.Module]:
+        """Stateful loss terms' modules by name (`xdsl.compile.stateful`)."""
+        terms = getattr(self.root, "terms", None)
+        return dict(terms.items()) if terms is not None else {}
 
 
 def _located(e: XdslError, pos) -> SpecError:
@@ -261,6 +268,7 @@ def assemble(program: ir.Program, *, device: str | torch.device = "cpu", spec_di
     root = nn.Module()
     root.parts = parts
     root.adapters = adapters
+    root.terms = build_term_modules(program, graph, shapes, modules_device)
     if device.type != "meta":
         root.to(device)
         for model in networks.values():

@@ -59,6 +59,10 @@ def _add_arg(g: nx.DiGraph, arg, program: ir.Program) -> str | None:
         return _add_path(g, arg, program)
     if isinstance(arg, ir.Labels):
         return "y"
+    if isinstance(arg, ir.Indices):
+        if "i" not in g:
+            g.add_node("i", kind="indices", label="i")
+        return "i"
     if isinstance(arg, ir.Ensemble):
         node = str(arg)
         if node not in g:

@@ -113,13 +113,14 @@ def _call_copy(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class Lowered:
-    """A generated module `module(x, y, clock=None) -> (objectives, terms)` and what its outputs are."""
+    """A generated module `module(x, y, clock=None[, i]) -> (objectives, terms)` and what its outputs are."""
 
     module: fx.GraphModule
     networks: tuple[str, ...]   # objectives[i] belongs to networks[i]
     terms: tuple[str, ...]      # terms[j] is the text of the j-th primitive term
     separable: bool = False     # objectives[i] is differentiable only in networks[i]'s parameters
     uses_clock: bool = False    # the objectives read `clock` ([epoch, epochs, step]); else it may be None
+    uses_index: bool = False    # a stateful term reads the sample indices: module(x, y, clock, i)
 
     def __repr__(self) -> str:
         return f"Lowered(networks={self.networks}, terms={len(self.terms)})\n{self.module.code}"
@@ -169,9 +170,7 @@ def lower(g: nx.DiGraph, root: nn.Module, stage: ir.Stage, networks: tuple[str, 
     with_grad = [n for n in path_nodes if n not in set(no_grad)]
 
     graph = fx.Graph()
-    env: dict[str, fx.Node] = {"x": graph.placeholder("x"), "y": graph.placeholder("y"),
-                               "clock": graph.placeholder("clock", default_value=None)}
-
+    env = _inputs(graph, g, stage, networks)
     if no_grad:
         graph.call_function(torch._C._set_grad_enabled, (False,))
         for n in no_grad:
@@ -199,6 +198,8 @@ def lower(g: nx.DiGraph, root: nn.Module, stage: ir.Stage, networks: tuple[str, 
             return ensembles[key]
         if isinstance(arg, ir.Clock | ir.Func | ir.Arith):  # a schedule as a keyword: a 0-dim tensor
             return emit_term(arg, net)
+        if isinstance(arg, ir.Indices):
+            return env["i"]
         return env["y"] if isinstance(arg, ir.Labels) else arg
 
     term_names: list[str] = []     # each primitive term's text once, for logging
@@ -220,7 +221,7 @@ def lower(g: nx.DiGraph, root: nn.Module, stage: ir.Stage, networks: tuple[str, 
         args = tuple(emit_arg(a, net) for a in term.args)
         key = (term_node(term), tuple(a for a in args if isinstance(a, fx.Node)))  # constants are in the text
         if key not in term_values:
-            term_values[key] = graph.call_function(primitive_spec(term).fn, *primitive_spec(term).split_args(args))
+            term_values[key] = _emit_primitive(graph, g, term, args)
             if key[0] not in term_reported:
                 term_reported[key[0]] = term_values[key]
                 term_names.append(key[0])
@@ -235,7 +236,27 @@ def lower(g: nx.DiGraph, root: nn.Module, stage: ir.Stage, networks: tuple[str, 
     graph.output((tuple(outputs), tuple(term_reported[k] for k in term_names)))
     graph.lint()
     return Lowered(fx.GraphModule(root, graph, class_name=f"Objective_{stage.name}"), tuple(networks),
-                   tuple(term_names), separable, bool(clocks))
+                   tuple(term_names), separable, bool(clocks), "i" in env)
+
+
+def _inputs(graph: fx.Graph, g: nx.DiGraph, stage: ir.Stage, networks: tuple[str, ...]) -> dict[str, fx.Node]:
+    """The placeholders `x, y, clock=None`, and `i=None` when a term reads the sample indices."""
+    env = {"x": graph.placeholder("x"), "y": graph.placeholder("y"),
+           "clock": graph.placeholder("clock", default_value=None)}
+    if any(isinstance(a, ir.Indices) for net in networks
+           for prim in term_leaves(g.nodes[objective_node(stage.name, net)]["term"]) for a in prim.args):
+        env["i"] = graph.placeholder("i", default_value=None)
+    return env
+
+
+def _emit_primitive(graph: fx.Graph, g: nx.DiGraph, term: ir.Prim, args: tuple) -> fx.Node:
+    """A primitive's call: a function of its arguments, or a stateful term's module (`root.terms`)
+    called on its tensor arguments (paths, labels, indices; its constants built the module)."""
+    spec = primitive_spec(term)
+    if not spec.stateful:
+        return graph.call_function(spec.fn, *spec.split_args(args))
+    tensors = tuple(a for p, a in zip(spec.params, args) if p.kind not in ("number", "bool"))
+    return graph.call_module(f"terms.{g.nodes[term_node(term)]['module']}", tensors)
 
 
 def _variants(g: nx.DiGraph, graph: fx.Graph, env: dict[str, fx.Node], networks: tuple[str, ...],

@@ -8,6 +8,7 @@ import torch
 
 from xdsl.compile.assemble import Compiled
 from xdsl.compile.graph import term_leaves
+from xdsl.compile.stateful import term_rows
 from xdsl.errors import XdslError
 from xdsl.lang import ir
 from xdsl.shapes import infer_shapes
@@ -49,7 +50,8 @@ def summarize(compiled: Compiled) -> dict[str, Any]:
                  "params": sum(p.numel() for p in compiled.root.adapters[n].parameters())
                  if n in compiled.root.adapters else 0} for n, d in program.adapters.items()]
     return {"spec": program.file, "input_shape": list(compiled.input_shape), "num_classes": compiled.num_classes,
-            "parts": parts, "adapters": adapters, "paths": paths, "train": stages,
+            "parts": parts, "adapters": adapters, "terms": term_rows(program, compiled.terms), "paths": paths,
+            "train": stages,
             "evaluate": [{"kind": e.kind, "args": [str(a) for a in e.args], **e.kwargs,
                           "paths": evaluate_paths(compiled, e)} for e in program.evaluate]}
 
@@ -113,6 +115,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     for p in summary["parts"]:
         t.add_row(p["network"], p["part"], f"{p['params']:,}", str(tuple(p["output_shape"])))
     console.print(t)
+    if summary.get("terms"):
+        console.print(_terms_table(summary["terms"]))
     t = Table(title="paths")
     t.add_column("path")
     t.add_column("params", justify="right")
@@ -140,3 +144,18 @@ def print_summary(summary: dict[str, Any]) -> None:
             console.print(f"  minimize wrt {net}: {len(obj['terms'])} terms")
             for term in obj["terms"]:
                 console.print(f"    {term}")
+
+
+def _terms_table(rows: list[dict[str, Any]]):
+    """Stateful loss terms: module, owner, parameters, buffers (N: one row per training sample, sized when
+    the data is known)."""
+    from rich.table import Table
+
+    t = Table(title="stateful loss terms")
+    for col in ("module", "term", "owner", "params", "buffers"):
+        t.add_column(col, justify="right" if col == "params" else "left")
+    for r in rows:
+        buffers = ", ".join(f"{n} ({', '.join('N' if i == 0 and d == 0 else str(d) for i, d in enumerate(shape))})"
+                            for n, shape in r["buffers"].items())
+        t.add_row(r["name"], r["term"], r["owner"], f"{r['params']:,}", buffers)
+    return t

@@ -139,9 +139,9 @@ class MixedLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for k, (x, y) in enumerate(self.loader):
-            yield self.mix(x, y, self.epoch_seed, k)
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        for k, (x, y, *index) in enumerate(self.loader):  # (x, y, i) batches keep their sample indices
+            yield (*self.mix(x, y, self.epoch_seed, k), *index)
 
 
 def _call(name: str, kw: dict[str, Any]) -> str:

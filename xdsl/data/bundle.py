@@ -23,7 +23,21 @@ from xdsl.errors import XdslError
 if TYPE_CHECKING:
     from xdsl.data.reid import RetrievalSplit
 
-__all__ = ["DataBundle", "seed_worker"]
+__all__ = ["DataBundle", "IndexedDataset", "seed_worker"]
+
+
+class IndexedDataset(Dataset):
+    """`dataset[k]` with `k` appended: `(x, y, k)`, the sample's position, which stateful loss terms
+    (CRD's memory bank) read as `i`. Only the loaders of a spec that uses `i` wrap their dataset so."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int):
+        return (*self.dataset[index], index)
 
 
 def seed_worker(worker_id: int) -> None:
@@ -81,11 +95,11 @@ class DataBundle:
         """Whether loaders come from the batched pipeline (after `use_device` chose it)."""
         return self._on_device is not None
 
-    def _batched_loader(self, split: str, order: Tensor, epoch_seed: int) -> BatchedLoader:
+    def _batched_loader(self, split: str, order: Tensor, epoch_seed: int, with_index: bool = False) -> BatchedLoader:
         dataset = self.train if split == "train" else self.test
         images, labels = self._on_device[split]  # type: ignore[index]
         return BatchedLoader(dataset, images, labels, dataset.recipe(), order=order, batch_size=self.batch_size,
-                             epoch_seed=epoch_seed)
+                             epoch_seed=epoch_seed, with_index=with_index)
 
     def _loader_kwargs(self) -> dict:
         workers = self.num_workers
@@ -98,8 +112,10 @@ class DataBundle:
             "persistent_workers": workers > 0,
         }
 
-    def train_loader(self, epoch_seed: int, sampler: Sampler | None = None) -> DataLoader:
+    def train_loader(self, epoch_seed: int, sampler: Sampler | None = None, with_index: bool = False) -> DataLoader:
         """A loader for one epoch whose order and augmentation depend only on `epoch_seed`.
+
+        `with_index`: batches are `(x, y, i)`, `i` each sample's position in `train` (the same batches).
 
         Build a fresh one every epoch: resuming at epoch k with the same seed replays epoch k exactly,
         whatever `num_workers` is. A given sampler (e.g. DistributedSampler) replaces shuffling; its
@@ -117,10 +133,10 @@ class DataBundle:
                 sampler_set_epoch(int(epoch_seed))
         if self.batched:
             order = epoch_order(len(self.train), epoch_seed, sampler)  # type: ignore[arg-type]
-            loader: Any = self._batched_loader("train", order, epoch_seed)
+            loader: Any = self._batched_loader("train", order, epoch_seed, with_index)
         else:
-            loader = DataLoader(self.train, shuffle=sampler is None, sampler=sampler, generator=generator,
-                                **self._loader_kwargs())
+            loader = DataLoader(IndexedDataset(self.train) if with_index else self.train, shuffle=sampler is None,
+                                sampler=sampler, generator=generator, **self._loader_kwargs())
         return loader if self.batch_mix is None else MixedLoader(loader, self.batch_mix, epoch_seed)
 
     def test_loader(self) -> DataLoader:

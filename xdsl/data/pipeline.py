@@ -139,20 +139,22 @@ class BatchedLoader:
     """One epoch of (x, y) batches gathered by index from device-resident uint8 images and augmented.
 
     Iterate it like a DataLoader; `len()` is the number of batches (the last one may be partial).
+    `with_index`: (x, y, i) batches, `i` the samples' positions in the dataset (on the images' device).
     """
 
     def __init__(self, dataset: Any, images: Tensor, labels: Tensor, recipe: Recipe, *, order: Tensor,
-                 batch_size: int, epoch_seed: int):
+                 batch_size: int, epoch_seed: int, with_index: bool = False):
         self.dataset = dataset
         self.images, self.labels, self.recipe = images, labels, recipe
         self.order = order
         self.batch_size = int(batch_size)
         self.epoch_seed = int(epoch_seed)
+        self.with_index = with_index
 
     def __len__(self) -> int:
         return math.ceil(len(self.order) / self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         in_size = tuple(self.images.shape[-2:])
         device = self.images.device
         for start in range(0, len(self.order), self.batch_size):
@@ -160,4 +162,5 @@ class BatchedLoader:
             index = host.to(device, non_blocking=True)
             draws = draw(self.recipe, self.dataset.seed, self.epoch_seed, host.numpy(), in_size)
             images = self.images.index_select(0, index)  # a row copy; `images[index]` is 20x slower on CPU
-            yield augment_batch(images, draws, self.recipe), self.labels.index_select(0, index)
+            batch = augment_batch(images, draws, self.recipe), self.labels.index_select(0, index)
+            yield (*batch, index) if self.with_index else batch

@@ -82,7 +82,7 @@ class _Checker(TermChecker):
             return "loss"
         if name in self.user_primitives:
             return "primitive"
-        if name in ("x", "y", "pi") or name in BUILTIN_FUNCS or name in ir.CLOCKS or name in ir.FUNCS \
+        if name in ("x", "y", "i", "pi") or name in BUILTIN_FUNCS or name in ir.CLOCKS or name in ir.FUNCS \
                 or name in self.primitives:
             return "built-in name"
         return None

@@ -73,7 +73,9 @@ def call_text(spec: LossSpec, args: dict[str, object], parts: dict[str, tuple[st
     out = []
     for p in spec.params:
         value = args[p.name]
-        if p.kind in ("logits", "features", "labels"):
+        if value is None:  # an optional argument left out (`crd(t, s, i)` without y)
+            continue
+        if p.kind in ("logits", "features", "labels", "indices"):
             out.append(_arg_text(value, parts))
         elif value != p.default:
             if isinstance(value, bool):

@@ -14,8 +14,8 @@ from xdsl.errors import Pos
 from xdsl.lang import ast
 
 __all__ = [
-    "PartStep", "AdapterStep", "Step", "Path", "Ensemble", "Labels", "Const", "Prim", "Arith", "Clock", "Func",
-    "Term", "CLOCKS", "FUNCS", "term_leaves",
+    "PartStep", "AdapterStep", "Step", "Path", "Ensemble", "Labels", "Indices", "Const", "Prim", "Arith", "Clock",
+    "Func", "Term", "CLOCKS", "FUNCS", "term_leaves",
     "NetworkDecl", "CutDecl", "AdapterDecl", "DataDecl", "OptimizerDecl", "Stage", "EvalItem", "Program",
 ]
 
@@ -82,6 +82,14 @@ class Ensemble:
 class Labels:
     def __str__(self) -> str:
         return "y"
+
+
+@dataclass(frozen=True)
+class Indices:
+    """`i`: each sample's position in the training set (stateful terms keep per-sample memory by it)."""
+
+    def __str__(self) -> str:
+        return "i"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from xdsl.lang.values import (
     BoolV,
     ClockV,
     EnsembleV,
+    IndicesV,
     LabelsV,
     ListV,
     NetV,
@@ -82,6 +83,8 @@ class TermChecker:
             return PathV(ir.Path(()), 0)
         if e.id == "y":
             return LabelsV()
+        if e.id == "i":
+            return IndicesV()
         if e.id in ir.CLOCKS:
             return ClockV(ir.Clock(e.id))
         if e.id == "pi":
@@ -92,7 +95,7 @@ class TermChecker:
             raise SpecError(f"undefined name '{e.id}'", e.pos, f"booleans are written {e.id.lower()}")
         candidates = [k for k in env if not k.startswith("__")] + list(self.networks) + list(self.adapters)
         raise SpecError(f"undefined name '{e.id}'", e.pos,
-                        _hint(e.id, candidates + ["x", "y", "pi", *ir.CLOCKS], None))
+                        _hint(e.id, candidates + ["x", "y", "i", "pi", *ir.CLOCKS], None))
 
     def e_attribute(self, e: ast.Attribute, env):
         base = self.expr(e.value, env)
@@ -334,8 +337,8 @@ class TermChecker:
         if kind == "logits" and isinstance(v, EnsembleV):
             return v.ensemble
         if kind in ("logits", "features"):
-            if isinstance(v, LabelsV):
-                raise SpecError(f"{func}(): '{name}' takes a path, got the labels y", pos)
+            if isinstance(v, LabelsV | IndicesV):
+                raise SpecError(f"{func}(): '{name}' takes a path, got {kind_of(v)}", pos)
             path = self._as_path(v, pos, f"{func}(): '{name}'").path
             if kind == "logits" and path.steps and isinstance(path.steps[-1], ir.PartStep):
                 last = path.steps[-1]
@@ -351,10 +354,16 @@ class TermChecker:
             if not isinstance(v, LabelsV):
                 raise SpecError(f"{func}(): '{name}' takes the labels y, got {kind_of(v)}", pos)
             return ir.Labels()
+        if kind == "indices":
+            if not isinstance(v, IndicesV):
+                raise SpecError(f"{func}(): '{name}' takes the sample indices i, got {kind_of(v)}", pos)
+            return ir.Indices()
         if kind == "number":
             from xdsl.losses import CONSTANT_ONLY
 
-            if isinstance(v, ClockV) and (func, name) not in CONSTANT_ONLY:
+            # a stateful primitive's numbers build its module: constants
+            stateful = getattr(self.primitives[func], "stateful", False)
+            if isinstance(v, ClockV) and (func, name) not in CONSTANT_ONLY and not stateful:
                 return v.term  # a schedule: the primitive gets a tensor (its value constraints are not checked)
             if not isinstance(v, NumV):
                 raise SpecError(f"{func}(): '{name}' takes a number, got {kind_of(v)}", pos,

@@ -12,7 +12,7 @@ from typing import Any
 
 from xdsl.lang import ir
 
-__all__ = ["BoolV", "ClockV", "EnsembleV", "LabelsV", "ListV", "NetV", "NumV", "PathV", "StrV", "TermV",
+__all__ = ["BoolV", "ClockV", "EnsembleV", "IndicesV", "LabelsV", "ListV", "NetV", "NumV", "PathV", "StrV", "TermV",
            "combine", "kind_of", "literal", "number_term"]
 
 
@@ -59,6 +59,11 @@ class LabelsV:
 
 
 @dataclass(frozen=True)
+class IndicesV:
+    pass
+
+
+@dataclass(frozen=True)
 class TermV:
     term: ir.Term
 
@@ -86,7 +91,7 @@ def combine(term: ir.Term, *operands: Any) -> Any:
 
 def kind_of(v: Any) -> str:
     return {NetV: "a network", PathV: "a path", ListV: "a list", NumV: "a number", StrV: "a string",
-            BoolV: "a boolean", LabelsV: "the labels y", TermV: "a loss",
+            BoolV: "a boolean", LabelsV: "the labels y", IndicesV: "the sample indices i", TermV: "a loss",
             ClockV: "a number that changes while training (epoch, epochs, step)",
             EnsembleV: "an ensemble"}.get(type(v), "a value")
 

@@ -235,7 +235,8 @@ def _train_epoch(b: _Block, epoch: int, progress: Progress) -> tuple[dict[str, f
     """Every step of one epoch; mean train loss per network and the seconds it took.
     Ctrl-C checkpoints at the last finished step (see `_Stop`)."""
     stage = b.stage
-    loader = b.bundle.train_loader(epoch_seed=b.seed * 100_003 + epoch, sampler=b.sampler)
+    loader = b.bundle.train_loader(epoch_seed=b.seed * 100_003 + epoch, sampler=b.sampler,
+                                   with_index=b.exp.needs_index)  # (x, y, i) for stateful terms
     accumulate = stage.settings.get("accumulate") or 1  # micro-batches per optimisation step
     max_steps = stage.settings.get("max_steps")
     n_batches = len(loader) if max_steps is None else min(len(loader), max_steps * accumulate)
@@ -247,17 +248,17 @@ def _train_epoch(b: _Block, epoch: int, progress: Progress) -> tuple[dict[str, f
     b.exp.reset_term_sums()
     sums = {n: torch.zeros((), device=b.device) for n in stage.trained}
     count, batch, position = 0, 0, b.skip_batches  # position: batches of this epoch whose step is complete
-    group: list[tuple[torch.Tensor, torch.Tensor]] = []
+    group: list[tuple[torch.Tensor, ...]] = []
     t0 = time.perf_counter()
     _Stop.deferring = True
     try:
-        for batch, (x, y) in enumerate(loader):
+        for batch, item in enumerate(loader):
             if batch >= n_batches:
                 break
             if batch < b.skip_batches:
                 progress.advance(task)
                 continue
-            group.append((x, y))
+            group.append(tuple(item))
             if len(group) < accumulate and batch + 1 < n_batches:
                 continue
             losses = _step(b, group, epoch, batch, progress, task)
@@ -285,13 +286,13 @@ def _train_epoch(b: _Block, epoch: int, progress: Progress) -> tuple[dict[str, f
     return train_loss, time.perf_counter() - t0
 
 
-def _step(b: _Block, group: list[tuple[torch.Tensor, torch.Tensor]], epoch: int, batch: int, progress: Progress,
+def _step(b: _Block, group: list[tuple[torch.Tensor, ...]], epoch: int, batch: int, progress: Progress,
           task: TaskID) -> dict[str, torch.Tensor]:
     """One optimisation step on a batch (or `accumulate` micro-batches); every `log_every` steps
     (every step on CPU) a NaN check."""
     if _Stop.requested:
         raise KeyboardInterrupt
-    group = [_to_device(b, x, y) for x, y in group]
+    group = [_to_device(b, *item) for item in group]
     losses = b.exp.train_step(*group[0]) if len(group) == 1 else b.exp.accumulate_step(group)
     if b.exp.schedule_per_step:  # under `steps N` schedules count optimisation steps
         b.exp.scheduler_step()
@@ -302,11 +303,12 @@ def _step(b: _Block, group: list[tuple[torch.Tensor, torch.Tensor]], epoch: int,
     return losses
 
 
-def _to_device(b: _Block, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = x.to(b.device, non_blocking=True), y.to(b.device, non_blocking=True)
+def _to_device(b: _Block, x: torch.Tensor, *rest: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(x, y) or (x, y, i) on the training device."""
+    x = x.to(b.device, non_blocking=True)
     if b.exp.channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
-    return x, y
+    return (x, *(t.to(b.device, non_blocking=True) for t in rest))
 
 
 def _check_finite(b: _Block, losses: dict[str, torch.Tensor], epoch: int, step: int) -> None:
@@ -502,6 +504,8 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
         logger.trackers = make_trackers(opts.mlflow, opts.wandb, f"{out.name}-seed{seed}",
                                         run_settings(program, seed, opts.overrides), out)
     data_line = bundle.use_device(device)  # batched uint8 pipeline on `device`, or per-sample loaders
+    if exp.compiled.terms:  # stateful terms (crd): memory sized for the training set, before the initial state
+        exp.bind_data(_train_labels(bundle.train), seed)
     for line in [data_line, *bundle.notes]:
         logger.console.print(f"[dim]data {program.data.name}: {line}[/]")
     for line in exp.compiled.notes:  # pretrained weights loaded, classifiers replaced
@@ -531,6 +535,17 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
         for tracker in logger.trackers:
             tracker.finish()
     return results
+
+
+def _train_labels(ds: Any) -> torch.Tensor:
+    """The label of every training sample in loader order (a Subset's through its indices)."""
+    from torch.utils.data import Subset
+
+    from xdsl.data.split import dataset_labels
+
+    if isinstance(ds, Subset):
+        return _train_labels(ds.dataset)[torch.as_tensor(ds.indices, dtype=torch.long)]
+    return dataset_labels(ds)
 
 
 def _track_results(trackers: list[Any], run: RunDir, results: dict[str, Any]) -> None:
