@@ -41,3 +41,29 @@ def test_mixup_needs_exactly_one_output_per_class(tmp_path: Path):
            "(mixup/cutmix labels have one column per class)")
     bundle.batch_mix = None  # hard labels: more outputs than classes is the user's choice (ce takes it)
     check_data_fit(compiled, bundle)
+
+
+RANKED = ("data digits(batch_size=64, train_fraction=0.2)\n"
+          "network n1, n2 = builtin.cnn(num_classes=10, in_channels=1, width=4)\ncut n1, n2 at \"pool\" into up, down\n"
+          "train t {{ minimize ce(s, y) wrt s for s in [n1, n2]; epochs 1; max_steps 1 }}\n"
+          "evaluate {}\n")
+
+
+def test_each_ranked_item_reports_its_own_k_though_they_share_one_pass(tmp_path: Path):
+    import json
+
+    spec = tmp_path / "r.xspec"
+    spec.write_text(RANKED.format("ranked(n1, k=3), ranked(n1.up >> n2.down, k=5), accuracy(n1), ranked(n2, k=10)"))
+    result = CliRunner().invoke(app, ["run", str(spec), "--out", str(tmp_path / "run"), "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    items = json.loads((tmp_path / "run" / "results.json").read_text())["stages"]["t"]["evaluate"]["items"]
+    assert [[len(r.get("ranked") or []) for r in i["rows"]] for i in items] == [[3], [5], [0], [10]]
+
+
+def test_ranked_k_beyond_the_class_outputs_is_a_located_error(tmp_path: Path):
+    spec = tmp_path / "r.xspec"
+    spec.write_text(RANKED.format("accuracy, ranked(n2, k=12)"))
+    with pytest.raises(SpecError) as info:
+        compile_program(spec, device="meta")
+    assert (info.value.pos.line, info.value.pos.col) == (5, 20)
+    assert info.value.message == "ranked(): k=12 is more than the 10 classes the networks output"

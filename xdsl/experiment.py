@@ -22,6 +22,7 @@ from torch import nn
 from torch._functorch import config as functorch_config
 
 from xdsl.compile.assemble import Compiled, assemble
+from xdsl.compile.data_fit import check_ranked_k
 from xdsl.compile.graph import module_target, objective_node, term_leaves, term_node
 from xdsl.compile.lower import Lowered, lower, path_module
 from xdsl.compile.optim import make_optimizer, make_scheduler
@@ -55,6 +56,7 @@ def compile_program(path: str | Path, *, device: str | torch.device = "cpu", all
     compiled = assemble(program, device=device, spec_dir=path.resolve().parent, allow_imports=allow_imports,
                         input_shape=input_shape)
     probe_user_primitives(compiled)
+    check_ranked_k(compiled)
     return compiled
 
 

@@ -13,7 +13,7 @@ from xdsl.compile.graph import path_node
 from xdsl.data.bundle import DataBundle
 from xdsl.errors import SpecError, SpecErrors
 
-__all__ = ["check_data_fit"]
+__all__ = ["check_data_fit", "check_ranked_k"]
 
 
 def check_data_fit(compiled: Compiled, bundle: DataBundle) -> None:
@@ -38,3 +38,14 @@ def check_data_fit(compiled: Compiled, bundle: DataBundle) -> None:
         raise errors[0]
     if errors:
         raise SpecErrors(errors)
+
+
+def check_ranked_k(compiled: Compiled) -> None:
+    """`ranked(k=K)` asks for the K largest class probabilities; more than the networks' class outputs would
+    be silently cut to their number while the tables and results still said K."""
+    classes = compiled.num_classes
+    for item in compiled.program.evaluate:
+        k = item.kwargs.get("k", 5) if item.kind == "ranked" else 0
+        if classes and k > classes:
+            raise SpecError(f"ranked(): k={k} is more than the {classes} classes the networks output", item.pos,
+                            f"k={classes} shows the whole posterior, e.g. ranked(k={min(5, classes)})")

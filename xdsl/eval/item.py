@@ -139,7 +139,11 @@ class EvaluateItem:
         problem = self.engine.problem(path, job)
         if problem is not None:
             return {**row, "accuracy": None, "loss": None, "entropy": None, "params": None, "status": problem}
-        return {**row, **job.stats[key].summary(), "params": self.engine.params(path), "status": "ok"}
+        stats = job.stats[key].summary()
+        ranked = stats.pop("ranked", None)  # the shared pass keeps the largest k any item asked for
+        if ranked is not None and self.ranked_k:
+            stats["ranked"] = ranked[:self.ranked_k]
+        return {**row, **stats, "params": self.engine.params(path), "status": "ok"}
 
     def scored_pass(self, job: Pass) -> Pass:
         """The pass holding this item's path statistics: the shared test pass, or for `split="train"`
