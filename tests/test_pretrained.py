@@ -213,6 +213,11 @@ def test_timm_pretrained_from_the_torch_hub_cache(torch_home: Path, tmp_path: Pa
     with pytest.raises(XdslError) as err:
         build_model("timm.resnet18", {"pretrained": True, "num_classes": 10}, device="meta")
     assert "new_head=true" in err.value.hint
+    notes = []  # a checkpoint only on the Hugging Face hub: the note says how to fill the cache
+    build_model("timm.mobilenetv1_100", {"pretrained": True, "num_classes": 751, "new_head": True}, device="meta",
+                notes=notes)
+    assert "huggingface-cli download timm/mobilenetv1_100." in notes[0] and str(tmp_path / "hf") in notes[0]
+    assert notes[1] == "timm.mobilenetv1_100 classifier: 1000 -> 751 classes, re-initialised"
 
 
 def test_timm_pretrained_from_the_hugging_face_cache(torch_home: Path, tmp_path: Path, monkeypatch) -> None:
@@ -231,3 +236,20 @@ def test_timm_pretrained_from_the_hugging_face_cache(torch_home: Path, tmp_path:
     notes: list[str] = []
     model = build_model("timm.resnet18", {"pretrained": True}, notes=notes)
     assert _equal(model.state_dict(), state) and notes[-1].endswith(str(file))
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "specs" / "xml_pretrained_resnet34_resnet18_tinyimagenet.xspec"
+
+
+def test_shipped_pretrained_spec_checks_without_the_files_and_run_stops_before_training(torch_home: Path,
+                                                                                         tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["check", "--strict", str(SHIPPED)])
+    assert result.exit_code == 0 and result.output.startswith(f"ok: {SHIPPED}: "), result.output
+    assert "resnet34-b627a593.pth is not there yet" in result.output
+    assert "net2: torchvision.resnet18 fc: 1000 -> 200 classes, re-initialised" in result.output
+    result = CliRunner().invoke(app, ["run", str(SHIPPED), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    expected = torch_home / "hub" / "checkpoints" / "resnet34-b627a593.pth"
+    assert f"{SHIPPED}:16:" in result.output and str(expected) in result.output
+    assert "https://download.pytorch.org/models/resnet34-b627a593.pth" in result.output
+    assert not (tmp_path / "run" / "checkpoints").exists()

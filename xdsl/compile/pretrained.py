@@ -99,18 +99,17 @@ def _check_classes(ref: str, label: str, classes: int, wanted: Any, new_head: bo
                              f"for {wanted} classes")
 
 
-def _missing(ref: str, label: str, files: list[Path], urls: list[str], extra: str = "") -> XdslError:
-    file = files[0]
-    where = " or ".join(str(f) for f in files)
-    return XdslError(
-        f"{ref}: weights {label} need the file {where}, which is not there (xdsl never downloads)",
-        hint=f"on a machine with network access fetch {' or '.join(urls)} and copy it into {file.parent}/ "
-             f"(TORCH_HOME moves that directory: $TORCH_HOME/hub/checkpoints){extra}")
+def _fetch_into(url: str, file: Path) -> str:
+    return (f"fetch {url} on a machine with network access and copy it into {file.parent}/ "
+            "(TORCH_HOME moves that directory: $TORCH_HOME/hub/checkpoints)")
 
 
-def _missing_note(ref: str, label: str, files: list[Path], urls: list[str]) -> str:
-    return (f"{ref} weights {label}: {files[0]} is not there yet; `xdsl run` needs it "
-            f"(fetch {urls[0]} into {files[0].parent}/)")
+def _missing(ref: str, label: str, file: Path, how: str) -> XdslError:
+    return XdslError(f"{ref}: weights {label} need {file}, which is not there (xdsl never downloads)", hint=how)
+
+
+def _missing_note(ref: str, label: str, file: Path, how: str) -> str:
+    return f"{ref} weights {label}: {file} is not there yet; `xdsl run` needs it ({how})"
 
 
 class _NotRead(dict):
@@ -181,7 +180,7 @@ def load_torchvision(ref: str, name: str, kwargs: dict[str, Any], *, new_head: b
     _check_classes(ref, label, req.classes, kwargs.get("num_classes"), new_head)
     file = hub_checkpoint(weights.url)
     if device != "meta" and not file.is_file():
-        raise _missing(ref, label, [file], [weights.url])
+        raise _missing(ref, label, file, _fetch_into(weights.url, file))
     builder = functools.partial(get_model, arch, weights=weights)
     try:
         with _patched_torchvision_load(weights.url, None if device == "meta" else file, ref):
@@ -189,7 +188,8 @@ def load_torchvision(ref: str, name: str, kwargs: dict[str, Any], *, new_head: b
     except RuntimeError as e:  # load_state_dict: keys or shapes do not fit
         lines = [line.strip() for line in str(e).strip().splitlines()[:4]]
         raise XdslError(f"{ref}: the weights in {file} do not fit the model", hint="; ".join(lines)) from None
-    notes.append(_missing_note(ref, label, [file], [weights.url]) if device == "meta" and not file.is_file()
+    notes.append(_missing_note(ref, label, file, _fetch_into(weights.url, file)) if device == "meta"
+                 and not file.is_file()
                  else f"{ref} weights {label}: {file}")
     if new_head:
         fresh = construct(functools.partial(get_model, arch), {**req.base, "num_classes": req.wanted})
@@ -236,7 +236,6 @@ def _timm_files(cfg: dict[str, Any]) -> tuple[list[Path], list[Path], list[str]]
                 if try_to_load_from_cache else None
             if isinstance(found, str):
                 present.append(Path(found))
-        urls.append(f"https://huggingface.co/{repo}/resolve/{revision or 'main'}/{names[0]}")
     if cfg.get("url"):
         file = hub_checkpoint(cfg["url"])
         expected.append(file)
@@ -273,12 +272,16 @@ def load_timm(ref: str, kwargs: dict[str, Any], *, new_head: bool, device: str, 
     present, expected, urls = _timm_files(cfg)
     hf = cfg.get("hf_hub_id", "").partition("@")[0]
     if not present:
-        if not expected:  # Hugging Face only: the cache layout has a revision hash, so name the repository
-            expected = [_hf_cache() / f"models--{hf.replace('/', '--')}"]
-        extra = f"; or run `huggingface-cli download {hf}` there and copy its Hugging Face cache" if hf else ""
+        folder = _hf_cache() / f"models--{hf.replace('/', '--')}"
+        download = (f"run `huggingface-cli download {hf}` on a machine with network access and copy the "
+                    f"folder {folder.name} of its cache (HF_HOME/hub) into {folder.parent}/") if hf else ""
+        if expected:
+            how = _fetch_into(urls[-1], expected[0]) + (f"; or {download}" if download else "")
+        else:  # Hugging Face only: its cache layout has a revision hash, so name the repository's folder
+            expected, how = [folder], download
         if device != "meta":
-            raise _missing(ref, label, expected, urls, extra)
-        notes.append(_missing_note(ref, label, expected, urls))
+            raise _missing(ref, label, expected[0], how)
+        notes.append(_missing_note(ref, label, expected[0], how))
         model = construct(functools.partial(timm.create_model, name, pretrained=False, num_classes=req.classes),
                           req.base)
     else:
