@@ -253,3 +253,25 @@ def test_shipped_pretrained_spec_checks_without_the_files_and_run_stops_before_t
     assert f"{SHIPPED}:16:" in result.output and str(expected) in result.output
     assert "https://download.pytorch.org/models/resnet34-b627a593.pth" in result.output
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_new_head_with_a_local_state_dict_file(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    source = build_model("builtin.cnn", {"width": 8, "num_classes": 10})
+    torch.save(source.state_dict(), tmp_path / "digits10.pt")
+    notes: list[str] = []
+    model = build_model("builtin.cnn", {"width": 8, "num_classes": 5, "weights": "digits10.pt", "new_head": True},
+                        spec_dir=tmp_path, notes=notes)
+    assert model.fc.out_features == 5 and notes == ["builtin.cnn fc: 10 -> 5 classes, re-initialised"]
+    kept = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in kept.items())
+    notes = []  # on the meta device the file is read memory-mapped: keys and shapes checked, note given
+    build_model("builtin.cnn", {"width": 8, "num_classes": 5, "weights": "digits10.pt", "new_head": True},
+                spec_dir=tmp_path, device="meta", notes=notes)
+    assert notes == ["builtin.cnn fc: 10 -> 5 classes, re-initialised"]
+    with pytest.raises(XdslError, match="do not fit"):
+        build_model("builtin.cnn", {"width": 16, "num_classes": 5, "weights": "digits10.pt", "new_head": True},
+                    spec_dir=tmp_path, device="meta")
+    with pytest.raises(XdslError, match="do not fit") as err:  # without new_head the class counts must agree
+        build_model("builtin.cnn", {"width": 8, "num_classes": 5, "weights": "digits10.pt"}, spec_dir=tmp_path)
+    assert "add new_head=true" in err.value.hint

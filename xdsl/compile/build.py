@@ -9,6 +9,7 @@ local state_dict file, or torchvision weights read from the torch hub cache (`co
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import re
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from xdsl import cifar_models  # noqa: F401  (registers the CIFAR paper networks in MODELS)
-from xdsl.compile.pretrained import load_timm, load_torchvision, pretrained_kind
+from xdsl.compile.pretrained import keep_fresh_head, load_timm, load_torchvision, pretrained_kind
 from xdsl.data.params import resolve_spec_path
 from xdsl.errors import XdslError
 from xdsl.models import MODELS
@@ -276,10 +277,19 @@ def _weights_file(ref: str, weights: Any, spec_dir: Path | None) -> Path:
     raise XdslError(f"{ref}: weights file not found: {' or '.join(str(c) for c in candidates)}")
 
 
-def load_weights(model: nn.Module, path: Path, ref: str = "model") -> None:
-    """Load a local state_dict (optionally wrapped as {'state_dict': ...} or {'model': ...}) safely."""
+def load_weights(model: nn.Module, path: Path, ref: str = "model", *, new_head: bool = False,
+                 notes: list[str] | None = None) -> None:
+    """Load a local state_dict (optionally wrapped as {'state_dict': ...} or {'model': ...}) safely.
+
+    `new_head`: everything but the classifier, which keeps the model's own fresh initialisation (for
+    the spec's class count). A model on the meta device reads the file memory-mapped: keys and shapes
+    are checked, no data is read."""
+    meta = next((t.is_meta for t in model.parameters()), False)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="meta" if meta else "cpu", weights_only=True, mmap=meta)
+        except RuntimeError:  # mmap needs torch.save's zip format; legacy files are read whole
+            state = torch.load(path, map_location="meta" if meta else "cpu", weights_only=True)
     except Exception as e:
         raise XdslError(f"{ref}: cannot load weights from {path}: {e}") from e
     if isinstance(state, Mapping):
@@ -291,14 +301,20 @@ def load_weights(model: nn.Module, path: Path, ref: str = "model") -> None:
         raise XdslError(f"{ref}: {path} does not hold a state_dict")
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel / DDP
         state = {k[len("module.") :]: v for k, v in state.items()}
+    if new_head:
+        state, said = keep_fresh_head(model, state, ref)
+        if notes is not None:
+            notes += said
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise XdslError(
-            f"{ref}: weights in {path} do not fit the model",
-            hint="; ".join(line.strip() for line in first[:4]),
-        ) from e
+        hint = "; ".join(line.strip() for line in first[:4])
+        if not new_head:
+            with contextlib.suppress(RuntimeError, XdslError):  # the model is discarded: trying costs nothing
+                model.load_state_dict(keep_fresh_head(model, state, ref)[0])
+                hint = "only the classifier differs (another class count): add new_head=true to load the rest"
+        raise XdslError(f"{ref}: weights in {path} do not fit the model", hint=hint) from e
 
 
 def build_model(
@@ -335,11 +351,11 @@ def build_model(
                                 notes=notes)
     if kind == "timm":
         return load_timm(ref, kwargs, new_head=new_head, device=device, construct=construct, notes=notes)
-    if new_head:
+    if new_head and weights is None:
         raise XdslError(f"{ref}: new_head=true replaces the classifier of pretrained weights, and there are none",
                         hint='give weights="IMAGENET1K_V1" (torchvision models) or pretrained=true (timm models)')
     weights_path = _weights_file(ref, weights, spec_dir) if weights is not None else None
     model = _construct(ref, ctor, kwargs, device)
-    if weights_path is not None and device != "meta":
-        load_weights(model, weights_path, ref)
+    if weights_path is not None and (device != "meta" or new_head):
+        load_weights(model, weights_path, ref, new_head=new_head, notes=notes)
     return model

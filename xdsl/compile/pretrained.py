@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from xdsl.errors import XdslError
 from xdsl.registry import did_you_mean
 
 __all__ = ["looks_like_weight_name", "pretrained_kind", "hub_checkpoint", "torchvision_weights", "load_torchvision",
-           "load_timm", "find_heads", "replace_heads"]
+           "load_timm", "find_heads", "replace_heads", "keep_fresh_head"]
 
 Construct = Callable[[Callable[..., Any], dict[str, Any]], nn.Module]
 """Builds a module from a constructor and keywords with build.py's error handling and device."""
@@ -343,3 +343,21 @@ def replace_heads(model: nn.Module, fresh: nn.Module, classes: int, wanted: int,
         model.set_submodule(name, new)
         lines.append(f"{ref} {name}: {classes} -> {wanted} classes, re-initialised")
     return lines
+
+
+def keep_fresh_head(model: nn.Module, state: Mapping[str, Any], ref: str) -> tuple[dict[str, Any], list[str]]:
+    """A local state_dict with the classifier's tensors replaced by `model`'s own fresh ones (`weights=
+    "file.pt", new_head=true`): the model is already built for the spec's classes, so its head is the
+    one it initialises, and only the file's backbone is loaded."""
+    layers = [n for n, m in model.named_modules() if n and _outputs(m) is not None]
+    if not layers:
+        raise XdslError(f"{ref}: new_head=true cannot find the classifier: no nn.Linear (or 1x1 nn.Conv2d)",
+                        hint="drop new_head and cut the network before its head, adding your own layers")
+    classes = _outputs(model.get_submodule(layers[-1]))
+    state, fresh, lines = dict(state), model.state_dict(), []
+    for head in find_heads(model, classes or 0):
+        old = state.get(f"{head}.weight")
+        before = old.shape[0] if old is not None and old.dim() else "none"
+        state.update({k: v for k, v in fresh.items() if k.startswith(head + ".")})
+        lines.append(f"{ref} {head}: {before} -> {classes} classes, re-initialised")
+    return state, lines
