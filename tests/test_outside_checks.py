@@ -67,3 +67,28 @@ def test_ranked_k_beyond_the_class_outputs_is_a_located_error(tmp_path: Path):
         compile_program(spec, device="meta")
     assert (info.value.pos.line, info.value.pos.col) == (5, 20)
     assert info.value.message == "ranked(): k=12 is more than the 10 classes the networks output"
+
+
+def test_xdsl_eval_scores_the_training_set_of_the_seed_that_wrote_the_checkpoint(tmp_path: Path):
+    """With val_fraction each seed holds out other samples: `xdsl eval` of seed 1's weights must rebuild
+    seed 1's split, so `accuracy(split="train")` equals what the run itself reported."""
+    import json
+
+    import torch
+
+    from xdsl.train.eval_checkpoint import _run_seed, evaluate_checkpoint
+
+    spec = tmp_path / "v.xspec"
+    spec.write_text("data digits(batch_size=64, train_fraction=0.3, val_fraction=0.5)\n"
+                    "network n = builtin.cnn(num_classes=10, in_channels=1, width=4)\n"
+                    "train t { minimize ce(n, y) wrt n; epochs 1; max_steps 2 }\n"
+                    'evaluate accuracy(split="train")\n')
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", str(spec), "--out", str(out), "--device", "cpu", "-q", "--seeds", "2"])
+    assert result.exit_code == 0, result.output
+    ran = json.loads((out / "seed1" / "results.json").read_text())["stages"]["t"]["evaluate"]["items"][0]["rows"][0]
+    final = out / "seed1" / "checkpoints" / "t" / "final.pt"
+    again = evaluate_checkpoint(spec, final, device="cpu")["items"][0]["rows"][0]
+    assert again["loss"] == pytest.approx(ran["loss"], rel=1e-6)
+    state = torch.load(final, weights_only=False)
+    assert state["seed"] == 1 and _run_seed({"modules": {}}, final) == 1  # older checkpoints: environment.json

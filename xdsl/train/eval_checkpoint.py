@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,20 @@ from xdsl.experiment import Experiment, compile_program
 from xdsl.train.device import pick_device
 
 __all__ = ["evaluate_checkpoint"]
+
+
+def _run_seed(state: dict[str, Any], checkpoint: Path) -> int:
+    """The seed of the run that wrote the checkpoint: it fixes the validation split (`val_fraction`), so the
+    training set `split="train"` scores is the one that run trained on. Older checkpoints do not record it;
+    their run directory's environment.json does."""
+    if isinstance(state.get("seed"), int):
+        return int(state["seed"])
+    env = Path(checkpoint).resolve().parents[2] / "environment.json" if len(Path(checkpoint).resolve().parents) > 2 \
+        else None
+    try:
+        return int(json.loads(env.read_text())["seed"]) if env is not None else 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def evaluate_checkpoint(spec: Path, checkpoint: Path, *, device: str = "auto",
@@ -37,7 +52,8 @@ def evaluate_checkpoint(spec: Path, checkpoint: Path, *, device: str = "auto",
     program = compiled.program
     if program.data is None:
         raise SpecError("the spec has no 'data' statement, so it cannot be evaluated", None)
-    bundle = build_data(program.data.name, program.data.kwargs, spec_dir=Path(spec).resolve().parent)
+    bundle = build_data(program.data.name, program.data.kwargs, spec_dir=Path(spec).resolve().parent,
+                        seed=_run_seed(state, checkpoint))
     items = program.evaluate or default_items(bundle)
     results = evaluate_items(exp, bundle.test_loader(), items, device=dev, data=bundle)
     console = make_console()

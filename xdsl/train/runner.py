@@ -143,7 +143,8 @@ def train_block(b: _Block, initial_state: dict[str, Any], snapshots: bool) -> di
                              "epoch": epoch + 1}, b.run.snapshot(b.stage.name, epoch + 1))
     _print_terms(b)
     if b.is_main:
-        save_atomic({"modules": b.exp.compiled.root.state_dict(), "stage": b.stage.name}, b.run.final(b.stage.name))
+        save_atomic({"modules": b.exp.compiled.root.state_dict(), "stage": b.stage.name, "seed": b.seed},
+                    b.run.final(b.stage.name))  # the seed fixes the validation split `xdsl eval` must rebuild
     _checkpoint(b, b.epochs, 0, done=True)
     ddp.barrier()  # later blocks (`after`) and resumes read rank 0's files
     return b.best
@@ -380,8 +381,8 @@ def _update_best(b: _Block, epoch: int, acc: dict[str, float], val_acc: dict[str
         return
     b.best_states[epoch] = {k: v.detach().to("cpu", copy=True) for k, v in b.exp.compiled.root.state_dict().items()}
     b.best_states = {e: st for e, st in b.best_states.items() if e in {v["epoch"] for v in b.best.values()}}
-    save_atomic({"modules": _best_modules(b), "stage": b.stage.name, "best": b.best, "states": b.best_states},
-                b.run.best(b.stage.name))
+    save_atomic({"modules": _best_modules(b), "stage": b.stage.name, "best": b.best, "states": b.best_states,
+                 "seed": b.seed}, b.run.best(b.stage.name))
 
 
 def _best_modules(b: _Block) -> dict[str, torch.Tensor]:
