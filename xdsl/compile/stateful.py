@@ -31,7 +31,7 @@ from xdsl.lang import ir
 from xdsl.lang.flow import call_text
 from xdsl.losses import primitive_spec
 
-__all__ = ["TermModule", "stateful_terms", "build_term_modules", "bind_data", "term_rows"]
+__all__ = ["TermModule", "stateful_terms", "build_term_modules", "bind_data", "adopt_term_sizes", "term_rows"]
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,16 @@ def bind_data(terms: dict[str, nn.Module], labels: torch.Tensor, seed: int) -> N
         bind = getattr(module, "bind_data", None)
         if callable(bind):
             bind(labels, seed)
+
+
+def adopt_term_sizes(terms: dict[str, nn.Module], modules: dict[str, Any]) -> None:
+    """Load the terms' state from a checkpoint's `modules` where it is there (`xdsl eval`: the modules were built
+    before the data is known, so data-sized buffers take the checkpoint's sizes); the rest is checked after."""
+    for name, module in terms.items():
+        prefix = f"terms.{name}."
+        state = {k[len(prefix):]: v for k, v in modules.items() if k.startswith(prefix)}
+        if state:
+            module.load_state_dict(state, strict=False)
 
 
 def term_rows(program: ir.Program, terms: dict[str, nn.Module]) -> list[dict[str, Any]]:

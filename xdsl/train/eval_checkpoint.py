@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from xdsl.checkpoint import load_checkpoint
+from xdsl.compile.stateful import adopt_term_sizes
 from xdsl.compile.weights import state_mismatch
 from xdsl.console import make_console, print_table
 from xdsl.data import build_data
@@ -40,6 +41,8 @@ def evaluate_checkpoint(spec: Path, checkpoint: Path, *, device: str = "auto",
     compiled = compile_program(spec, device=dev, allow_imports=allow_imports)
     state = load_checkpoint(checkpoint, dev)
     modules = state.get("modules") if isinstance(state, dict) else None
+    if isinstance(modules, dict):
+        adopt_term_sizes(compiled.terms, modules)  # memory banks sized by the data the run trained on
     problem = "it is not an xdsl checkpoint (no 'modules')" if not isinstance(modules, dict) else \
         state_mismatch(compiled.root.state_dict(), modules)
     if problem:

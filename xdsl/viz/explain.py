@@ -163,7 +163,7 @@ def _add_arg(bg: BlockGraph, arg: object, shapes: dict[str, tuple]) -> str | Non
 
 def _short(prim: ir.Prim) -> str:
     """`kl(net2, net1.up >> net2.down)`: the primitive and its tensor arguments (numbers left out)."""
-    shown = [str(a) for a in prim.args if isinstance(a, ir.Path | ir.Labels | ir.Ensemble)]
+    shown = [str(a) for a in prim.args if isinstance(a, ir.Path | ir.Labels | ir.Indices | ir.Ensemble)]
     return f"{prim.name}({', '.join(shown)})"
 
 
