@@ -92,8 +92,9 @@ train kd after pre {
     minimize kd(teacher, s2, y, T=2.0, alpha=0.5) + kl(s1, s2) wrt s2
     optimizer sgd(lr=0.05, momentum=0.9)
     epochs 3
+    eval_train true
 }
-evaluate accuracy, xross(s1, s2), ensemble(s1, s2), entropy
+evaluate accuracy, xross(s1, s2), ensemble(s1, s2), entropy, accuracy(s1, split="train")
 """  # builtin.cnn has BatchNorm; the teacher is frozen in `kd`; 61 test samples: shards of 31 and 30
 BN_BLOCKS = ("pre", "kd")
 
@@ -148,6 +149,13 @@ def test_nproc_2_evaluation_merged_over_unequal_shards_equals_the_saved_model_on
     for net in ("s1", "s2", "teacher"):
         last = [r for r in rows if r["stage"] == "kd" and r["network"] == net][-1]
         assert last["epoch"] == 3 and last["test_acc"] == pytest.approx(accuracy[net], abs=1e-12), net
+    # the training set (split="train", eval_train): scored whole by rank 0 / in shards added up, the same numbers
+    on_train = whole["items"][-1]
+    (merged_row,), (single_row,) = results["items"][-1]["rows"], on_train["rows"]
+    assert on_train["split"] == "train" and merged_row["accuracy"] == single_row["accuracy"]
+    assert merged_row["loss"] == pytest.approx(single_row["loss"], rel=1e-6)
+    last = [r for r in rows if r["stage"] == "kd" and r["network"] == "s1"][-1]
+    assert last["train_acc"] == pytest.approx(on_train["rows"][0]["accuracy"], abs=1e-12)
 
 
 @pytest.mark.slow

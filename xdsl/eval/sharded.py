@@ -26,10 +26,15 @@ __all__ = ["shard_loader", "epoch_accuracy", "evaluate_sharded", "merge_shards"]
 
 
 def shard_loader(bundle: DataBundle, rank: int, world: int, split: str = "test") -> Iterable:
-    """This process's share of the test (or validation) set (every sample exactly once over all processes)."""
+    """This process's share of the test, validation or (unaugmented) training set (every sample exactly once over
+    all processes)."""
     if world == 1:
-        return bundle.test_loader() if split == "test" else bundle.val_loader()
-    data = bundle.test if split == "test" else bundle.val
+        return {"test": bundle.test_loader, "val": bundle.val_loader, "train": bundle.plain_train_loader}[split]()
+    if split == "train":
+        view = getattr(bundle.train, "eval_view", None)  # as plain_train_loader: without augmentation
+        data = view() if callable(view) else bundle.train
+    else:
+        data = bundle.test if split == "test" else bundle.val
     return DataLoader(Subset(data, range(rank, len(data), world)), batch_size=bundle.batch_size, shuffle=False)
 
 
@@ -76,7 +81,9 @@ def _use_rank0_buffers(exp: Experiment) -> None:
 
 
 def _per_sample(item: ir.EvalItem) -> bool:
-    return item.kind in EVALUATIONS and EVALUATIONS.get(item.kind).per_sample
+    """Whether processes may score shards of the test set and merge: not for items on the training set
+    (`split="train"`), which rank 0 scores whole, as it does the items that are not means over samples."""
+    return item.kind in EVALUATIONS and EVALUATIONS.get(item.kind).per_sample and item.kwargs.get("split") != "train"
 
 
 def evaluate_sharded(exp: Experiment, bundle: DataBundle, items: list[ir.EvalItem], device: torch.device,

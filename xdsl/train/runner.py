@@ -340,7 +340,7 @@ def _end_epoch(b: _Block, epoch: int, train_loss: dict[str, float], seconds: flo
     due = b.bundle.retrieval is None and ((epoch + 1) % eval_every == 0 or epoch + 1 == b.epochs)
     acc = epoch_accuracy(exp, test_loader, b.device) if due else {}
     val_acc = epoch_accuracy(exp, val_loader, b.device) if due and val_loader is not None else {}
-    train_acc = epoch_accuracy(exp, b.bundle.plain_train_loader(), b.device) \
+    train_acc = epoch_accuracy(exp, shard_loader(b.bundle, b.opts.rank, b.opts.world_size, "train"), b.device) \
         if due and stage.settings.get("eval_train") else {}
     terms = exp.term_means()
     for net in exp.networks:
