@@ -33,6 +33,9 @@ def declare_primitive(decl: ast.PrimitiveDecl, spec_dir: Path | None, allow_impo
         fn = user_callable(decl.ref, spec_dir, allow_imports, what="loss", returns="a scalar tensor")
     except XdslError as e:
         raise SpecError(f"primitive '{decl.name}': {e.message}", decl.pos, e.hint) from None
+    if isinstance(fn, type):  # calling it would construct an object per step, not compute a loss
+        raise SpecError(f"primitive '{decl.name}': '{decl.ref}' is a class; a primitive is a function of tensors",
+                        decl.pos, "name a function returning the loss (wrap an nn.Module loss in a function)")
     params = _params(decl, fn, kinds)
     grads = _grads(decl, kinds)
     doc = inspect.getdoc(fn) or f"user loss {decl.ref}"
