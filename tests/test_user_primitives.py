@@ -166,6 +166,11 @@ def raises(p, y):
 def detached(p, y):
     return F.cross_entropy(p.detach(), y)
 
+def in_place(p, y):
+    t = p.detach()
+    t.mul_(2.0)  # writes into the network's logits, which other terms share
+    return F.cross_entropy(p, y)
+
 def leaky(t, s):
     torch.rand(3)  # draws from the global generator: the probe must not move the trainer's stream
     return F.mse_loss(s, t)
@@ -193,6 +198,7 @@ def _probe_error(spec_dir: Path, fn: str, call: str, kinds: str = "p=logits, y=l
     ("integer", "returned a value of type int"),
     ("raises", "raised RuntimeError: boom"),
     ("detached", "sends no gradient into 'p', which the declaration says learns"),
+    ("in_place", "changed its argument 'p' in place; other loss terms share that tensor"),
 ])
 def test_a_function_that_does_not_do_what_its_declaration_says_is_a_located_error(spec_dir, fn, expected):
     message = _probe_error(spec_dir, fn, "f(s, y)")

@@ -81,12 +81,18 @@ def _probe(compiled: Compiled, prim: ir.Prim, spec: LossSpec) -> SpecError | Non
     values = _inputs(compiled, prim, spec, gen)
     where = f"primitive '{spec.name}' ('{_ref(spec)}') called as {prim} on a batch of 2 ({_described(spec, values)})"
     args, kwargs = spec.split_args(tuple(values))
+    before = {p.name: v.detach().clone() for p, v in zip(spec.params, values, strict=True) if isinstance(v, Tensor)}
     try:
         with torch.random.fork_rng(devices=[]):
             out = spec.fn(*args, **kwargs)
     except Exception as e:  # the user's function failing is the user's error, reported at the call
         return SpecError(f"{where} raised {type(e).__name__}: {e}", prim.pos,
                          "call the function on such tensors in Python to debug it (xdsl --debug shows the traceback)")
+    changed = [n for p, v in zip(spec.params, values, strict=True) if (n := p.name) in before
+               and not torch.equal(before[n], v.detach())]
+    if changed:  # an identical sub-result is computed once: every other term using it would see the change
+        return SpecError(f"{where} changed its argument '{changed[0]}' in place; other loss terms share that tensor",
+                         prim.pos, "compute on a copy (out-of-place operations: x = x / T, not x /= T)")
     if not isinstance(out, Tensor) or not out.is_floating_point() or out.numel() != 1:
         got = (f"a {out.dtype} tensor of shape {tuple(out.shape)}" if isinstance(out, Tensor)
                else f"a value of type {type(out).__name__}")
