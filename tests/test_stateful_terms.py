@@ -130,6 +130,17 @@ def test_a_step_needs_i_updates_the_heads_and_the_memory(tmp_path: Path) -> None
     assert (after["z"] > 0).all()
 
 
+def test_under_bf16_autocast_the_term_runs_in_float32(tmp_path: Path) -> None:
+    from xdsl.experiment import Experiment, compile_program
+
+    exp = Experiment(compile_program(_spec(tmp_path, CRD)), amp=torch.bfloat16)
+    exp.bind_data(torch.arange(96) % 4, seed=0)
+    losses = exp.train_step(torch.randn(16, 1, 8, 8), torch.arange(16) % 4, torch.arange(16))
+    crd_value = next(v for t, v in exp.last_terms["s"].items() if t.startswith("crd("))
+    assert crd_value.dtype == torch.float32 and torch.isfinite(losses["s"])
+    assert exp.compiled.terms["crd0"].memory_s.dtype == torch.float32
+
+
 def test_the_generated_objective_calls_the_term_module(tmp_path: Path) -> None:
     exp = _loaded(tmp_path)
     code = exp._single["s"].module.code

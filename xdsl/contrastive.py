@@ -17,7 +17,7 @@ What differs from RepDistiller, and why:
   are drawn, as RepDistiller's 'exact' mode, without replacement from the samples of the other classes
   (with replacement when a class has fewer than `nce_k` samples of other classes); without labels, as its
   `AliasMethod` on uniform weights, uniformly with replacement from every sample.
-- The loss is a 0-dim tensor (RepDistiller's has shape (1,)).
+- The loss is a 0-dim tensor (RepDistiller's has shape (1,)); it is computed in float32 under `--amp` too.
 - Under torchrun every process updates its memory banks with the features and indices of every
   process's batch (all_gather), so the banks stay identical across processes, and Z is the mean over
   processes; see `xdsl.distributed.gather_batches`.
@@ -134,7 +134,11 @@ class CRD(nn.Module):
                 contrast_idx: Tensor | None = None) -> Tensor:
         if self.n_data == 0:
             raise RuntimeError("crd: the memory banks are empty; bind_data(train_labels) sizes them")
-        v1, v2 = self.embed_s(s), self.embed_t(t.detach())
+        with torch.autocast(s.device.type, enabled=False):  # fp32 as RepDistiller, also under --amp
+            return self._loss(t.detach().float(), s.float(), i, y, contrast_idx)
+
+    def _loss(self, t: Tensor, s: Tensor, i: Tensor, y: Tensor | None, contrast_idx: Tensor | None) -> Tensor:
+        v1, v2 = self.embed_s(s), self.embed_t(t)
         idx = self.contrast_indices(i, y) if contrast_idx is None else contrast_idx
         bsz, k1 = idx.shape
         w1 = torch.index_select(self.memory_s, 0, idx.reshape(-1)).detach().view(bsz, k1, self.feat_dim)
