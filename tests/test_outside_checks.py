@@ -92,3 +92,28 @@ def test_xdsl_eval_scores_the_training_set_of_the_seed_that_wrote_the_checkpoint
     assert again["loss"] == pytest.approx(ran["loss"], rel=1e-6)
     state = torch.load(final, weights_only=False)
     assert state["seed"] == 1 and _run_seed({"modules": {}}, final) == 1  # older checkpoints: environment.json
+
+
+def test_split_train_items_share_one_pass_over_the_training_set(tmp_path: Path, monkeypatch):
+    import xdsl
+    from xdsl.data import build_data
+    from xdsl.eval.engine import Engine
+    from xdsl.eval.evaluate import evaluate_items
+
+    spec = tmp_path / "r.xspec"
+    spec.write_text(RANKED.format('accuracy(n1, split="train"), entropy(n1.up >> n2.down, split="train"), '
+                                  'ranked(n2, k=3, split="train"), accuracy'))
+    exp = xdsl.load(spec)
+    bundle = build_data("digits", {"batch_size": 64, "train_fraction": 0.2})
+    passes = []
+    original = Engine.run_paths
+
+    def counted(self, loader, paths, ranked=0):
+        passes.append((sorted(paths), ranked))
+        return original(self, loader, paths, ranked)
+
+    monkeypatch.setattr(Engine, "run_paths", counted)
+    items = evaluate_items(exp, bundle.test_loader(), exp.program.evaluate, device="cpu", data=bundle)["items"]
+    assert passes[0] == (["n1.up >> n1.down", "n1.up >> n2.down", "n2.up >> n2.down"], 3)  # then the shared test pass
+    assert len([p for p in passes if p[1] == 3]) == 1
+    assert [len(r.get("ranked") or []) for i in items for r in i["rows"]] == [0, 0, 3, 0, 0]

@@ -148,10 +148,17 @@ class EvaluateItem:
     def scored_pass(self, job: Pass) -> Pass:
         """The pass holding this item's path statistics: the shared test pass, or for `split="train"`
         a pass of its own over the training set (shared prefixes still computed once)."""
+        from xdsl.eval.engine import Pass  # noqa: F811
+
         if not self.on_train:
             return job
-        paths = {str(p): p for p in self.paths() if self.engine.problem(p) is None}
-        return self.engine.run_paths(self.loader, paths, ranked=self.ranked_k)
+        if "train_pass" not in self.ctx.shared:  # one pass for every split="train" item (planned in `plan`)
+            if "train_job" not in self.ctx.shared:
+                self.plan(Pass())
+            want = self.ctx.shared["train_job"]
+            paths = {k: p for k, p in want.paths.items() if self.engine.problem(p) is None}
+            self.ctx.shared["train_pass"] = self.engine.run_paths(self.loader, paths, ranked=want.ranked)
+        return self.ctx.shared["train_pass"]
 
     @property
     def ranked_k(self) -> int:
@@ -213,10 +220,13 @@ class PerPathItem(EvaluateItem):
         return base + " on the training set" if self.on_train else base
 
     def plan(self, job: Pass) -> None:
-        if not self.on_train:  # the training set gets a pass of its own in compute
-            job.ranked = max(job.ranked, self.ranked_k)
-            for p in self.paths():
-                self.need(job, p)
+        from xdsl.eval.engine import Pass  # noqa: F811 (a type-checking import above; engine imports items)
+
+        # the training set gets a pass of its own in compute, shared by every split="train" item
+        target = self.ctx.shared.setdefault("train_job", Pass()) if self.on_train else job
+        target.ranked = max(target.ranked, self.ranked_k)
+        for p in self.paths():
+            self.need(target, p)
 
     def compute(self, job: Pass) -> Result:
         scored = self.scored_pass(job)
