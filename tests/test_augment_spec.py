@@ -100,7 +100,7 @@ def test_mixup_rejects_primitives_that_need_hard_labels_and_accepts_soft_ones():
     assert (err.pos.line, err.pos.col) == (4, 25)
     check(parse(_spec("[mixup(alpha=0.2)]", "kd(s, s, y) + cwtm(s, s, y) + ce(s, y, label_smoothing=0.1)"), "t"))
     check(parse(_spec("[hflip]", "dkd(s, s, y)"), "t.xspec"))  # no mixup: hard labels, fine
-    takes_labels = {n for n in ("ce", "kd", "cwtm", "dkd", "dkpp") if loss_signature(n).param("y")}
+    takes_labels = {n for n in ("ce", "kd", "cwtm", "dkd", "dkpp", "crd") if loss_signature(n).param("y")}
     assert SOFT_LABELS <= takes_labels and takes_labels - SOFT_LABELS == {"dkd", "dkpp"}
 
 

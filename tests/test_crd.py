@@ -212,6 +212,11 @@ def test_contrast_indices_positive_first_negatives_of_other_classes_without_repl
     labels = torch.arange(N_DATA) % CLASSES
     assert (labels[c[:, 1:]] != y.unsqueeze(1)).all()                 # RepDistiller's 'exact' mode
     assert all(len(set(row.tolist())) == OPT.nce_k for row in c[:, 1:])  # 45 others >= 20: no repeats
+    ours.generator = torch.Generator().manual_seed(5)
+    hard = ours.contrast_indices(idx, y)
+    ours.generator = torch.Generator().manual_seed(5)
+    soft = 0.7 * torch.nn.functional.one_hot(y, CLASSES) + 0.3 * torch.nn.functional.one_hot((y + 1) % CLASSES, CLASSES)
+    assert torch.equal(ours.contrast_indices(idx, soft.float()), hard)  # mixup's soft labels: the dominant class
     free = ours.contrast_indices(idx)                                # no labels: uniform over every sample
     assert torch.equal(free[:, 0], idx) and free.min() >= 0 and free.max() < N_DATA
     # the same generator state gives the same indices (what lets the test hand both sides one draw)

@@ -212,6 +212,17 @@ def test_resume_mid_epoch_equals_an_uninterrupted_run_memory_and_optimiser_inclu
     assert all(np.isfinite(t[crd_text]) and t[crd_text] > 0 for t in terms)
 
 
+def test_mixup_soft_labels_train_with_crd(tmp_path: Path) -> None:
+    """Under mixup y is soft; crd takes each sample's dominant class for its negatives."""
+    root = _cifar_dir(tmp_path / "c")
+    text = CRD.replace(HEAD.splitlines()[0], f'data cifar10(root="{root}", batch_size=16, num_workers=0, '
+                       'augment=[random_crop(32, padding=4), hflip, mixup(alpha=0.2)])')
+    text = text.replace("in_channels=1", "in_channels=3").replace("num_classes=4", "num_classes=10")
+    text = text.replace("epochs 3", "epochs 1")
+    run(_spec(tmp_path, text), RunOptions(out=tmp_path / "run", quiet=True, device="cpu"))
+    assert _final(tmp_path / "run")["terms.crd0.memory_s"].shape == (80, 8)
+
+
 def test_compile_lists_the_module_owner_parameters_and_buffers(tmp_path: Path) -> None:
     spec = _spec(tmp_path, CRD)
     result = CliRunner().invoke(app, ["compile", str(spec), "--json"])

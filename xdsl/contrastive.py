@@ -16,7 +16,8 @@ What differs from RepDistiller, and why:
   `generator` is set) rather than by numpy in a data-loader worker: `contrast_indices`. With labels they
   are drawn, as RepDistiller's 'exact' mode, without replacement from the samples of the other classes
   (with replacement when a class has fewer than `nce_k` samples of other classes); without labels, as its
-  `AliasMethod` on uniform weights, uniformly with replacement from every sample.
+  `AliasMethod` on uniform weights, uniformly with replacement from every sample. Soft labels (mixup,
+  cutmix) count as their dominant class.
 - The loss is a 0-dim tensor (RepDistiller's has shape (1,)); it is computed in float32 under `--amp` too.
 - Under torchrun every process updates its memory banks with the features and indices of every
   process's batch (all_gather), so the banks stay identical across processes, and Z is the mean over
@@ -122,6 +123,8 @@ class CRD(nn.Module):
         if y is None:
             idx = torch.randint(n, (b, k + 1), device=i.device, generator=self.generator)
         else:
+            if y.is_floating_point():  # soft labels (mixup, cutmix): each sample's dominant class
+                y = y.argmax(dim=1)
             if len(self.labels) != n:
                 raise RuntimeError("crd: negatives of other classes need the training labels (bind_data)")
             others = (self.labels.unsqueeze(0) != y.unsqueeze(1)).float()

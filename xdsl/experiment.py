@@ -269,7 +269,7 @@ class Experiment:
         """Run a generated objective module on a batch (with its sample indices when a term reads them)."""
         if not lowered.uses_index:
             return lowered.module(x, y, self.clock(lowered))
-        if not isinstance(i, torch.Tensor) or i.shape != y.shape:
+        if not isinstance(i, torch.Tensor) or i.dim() != 1 or i.shape[0] != y.shape[0]:
             raise XdslError("this objective reads the sample indices i (a stateful term such as crd), so a batch "
                             "is (x, y, i): i the position of each sample in the training set",
                             hint="pass them: train_step(x, y, i); DataBundle.train_loader(..., with_index=True) "

@@ -156,7 +156,7 @@ class LossSpec:
 
 LOSSES: Registry[LossSpec] = Registry("loss")
 
-SOFT_LABELS = frozenset({"ce", "kd", "cwtm"})
+SOFT_LABELS = frozenset({"ce", "kd", "cwtm", "crd"})  # crd: negatives of other than the dominant class
 """Primitives whose labels may be class probabilities (B, K) as well as indices (B,): mixup/cutmix make `y`
 soft. They reach `F.cross_entropy`, which takes either; a primitive not listed needs class indices, and the
 checker rejects it next to mixup/cutmix (`xdsl.lang.augment`)."""
