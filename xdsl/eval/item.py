@@ -148,13 +148,11 @@ class EvaluateItem:
     def scored_pass(self, job: Pass) -> Pass:
         """The pass holding this item's path statistics: the shared test pass, or for `split="train"`
         a pass of its own over the training set (shared prefixes still computed once)."""
-        from xdsl.eval.engine import Pass  # noqa: F811
-
         if not self.on_train:
             return job
         if "train_pass" not in self.ctx.shared:  # one pass for every split="train" item (planned in `plan`)
             if "train_job" not in self.ctx.shared:
-                self.plan(Pass())
+                self.plan(type(job)())
             want = self.ctx.shared["train_job"]
             paths = {k: p for k, p in want.paths.items() if self.engine.problem(p) is None}
             self.ctx.shared["train_pass"] = self.engine.run_paths(self.loader, paths, ranked=want.ranked)
@@ -220,10 +218,8 @@ class PerPathItem(EvaluateItem):
         return base + " on the training set" if self.on_train else base
 
     def plan(self, job: Pass) -> None:
-        from xdsl.eval.engine import Pass  # noqa: F811 (a type-checking import above; engine imports items)
-
         # the training set gets a pass of its own in compute, shared by every split="train" item
-        target = self.ctx.shared.setdefault("train_job", Pass()) if self.on_train else job
+        target = self.ctx.shared.setdefault("train_job", type(job)()) if self.on_train else job  # a Pass
         target.ranked = max(target.ranked, self.ranked_k)
         for p in self.paths():
             self.need(target, p)
