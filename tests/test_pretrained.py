@@ -189,6 +189,10 @@ def test_run_prints_the_head_and_trains_from_the_loaded_weights(tmp_path: Path, 
     assert all(torch.allclose(saved[k], v, atol=1e-6) for k, v in _r18_state().items()
                if not k.startswith("fc.") and "running" not in k and "num_batches" not in k)
     assert saved["fc.weight"].shape == (200, 512)
+    r18_file.unlink()  # evaluating the checkpoint needs no ImageNet file: the checkpoint replaces the weights
+    result = CliRunner().invoke(app, ["eval", str(spec), "--checkpoint", str(tmp_path / "run" / "checkpoints" / "t" /
+                                                                            "final.pt"), "--device", "cpu"])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
 
 
 def test_timm_pretrained_from_the_torch_hub_cache(torch_home: Path, tmp_path: Path, monkeypatch) -> None:

@@ -20,6 +20,7 @@ import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ from xdsl.errors import XdslError
 from xdsl.registry import did_you_mean
 
 __all__ = ["looks_like_weight_name", "pretrained_kind", "hub_checkpoint", "torchvision_weights", "load_torchvision",
-           "load_timm", "find_heads", "replace_heads", "keep_fresh_head"]
+           "load_timm", "find_heads", "replace_heads", "keep_fresh_head",
+           "without_pretrained_files"]
 
 Construct = Callable[[Callable[..., Any], dict[str, Any]], nn.Module]
 """Builds a module from a constructor and keywords with build.py's error handling and device."""
@@ -112,6 +114,20 @@ def _missing_note(ref: str, label: str, file: Path, how: str) -> str:
     return f"{ref} weights {label}: {file} is not there yet; `xdsl run` needs it ({how})"
 
 
+_SKIP_FILES: ContextVar[bool] = ContextVar("xdsl_skip_pretrained_files", default=False)
+
+
+@contextlib.contextmanager
+def without_pretrained_files() -> Iterator[None]:
+    """Build pretrained networks without reading their files, as on the meta device: for weights that are
+    replaced right after (`xdsl eval --checkpoint`), so evaluating needs no ImageNet file."""
+    token = _SKIP_FILES.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_FILES.reset(token)
+
+
 class _NotRead(dict):
     """What the download call returns on the meta device: nothing read, nothing loaded."""
 
@@ -179,16 +195,17 @@ def load_torchvision(ref: str, name: str, kwargs: dict[str, Any], *, new_head: b
     req = _Request(ref, label, len(weights.meta["categories"]), new_head, kwargs)
     _check_classes(ref, label, req.classes, kwargs.get("num_classes"), new_head)
     file = hub_checkpoint(weights.url)
-    if device != "meta" and not file.is_file():
+    read = device != "meta" and not _SKIP_FILES.get()
+    if read and not file.is_file():
         raise _missing(ref, label, file, _fetch_into(weights.url, file))
     builder = functools.partial(get_model, arch, weights=weights)
     try:
-        with _patched_torchvision_load(weights.url, None if device == "meta" else file, ref):
+        with _patched_torchvision_load(weights.url, file if read else None, ref):
             model = construct(builder, req.base)
     except RuntimeError as e:  # load_state_dict: keys or shapes do not fit
         lines = [line.strip() for line in str(e).strip().splitlines()[:4]]
         raise XdslError(f"{ref}: the weights in {file} do not fit the model", hint="; ".join(lines)) from None
-    notes.append(_missing_note(ref, label, file, _fetch_into(weights.url, file)) if device == "meta"
+    notes.append(_missing_note(ref, label, file, _fetch_into(weights.url, file)) if not read
                  and not file.is_file()
                  else f"{ref} weights {label}: {file}")
     if new_head:
@@ -270,6 +287,7 @@ def load_timm(ref: str, kwargs: dict[str, Any], *, new_head: bool, device: str, 
     req = _Request(ref, label, int(cfg.get("num_classes") or 1000), new_head, kwargs)
     _check_classes(ref, label, req.classes, kwargs.get("num_classes"), new_head)
     present, expected, urls = _timm_files(cfg)
+    read = device != "meta" and not _SKIP_FILES.get()
     hf = cfg.get("hf_hub_id", "").partition("@")[0]
     if not present:
         folder = _hf_cache() / f"models--{hf.replace('/', '--')}"
@@ -279,13 +297,13 @@ def load_timm(ref: str, kwargs: dict[str, Any], *, new_head: bool, device: str, 
             how = _fetch_into(urls[-1], expected[0]) + (f"; or {download}" if download else "")
         else:  # Hugging Face only: its cache layout has a revision hash, so name the repository's folder
             expected, how = [folder], download
-        if device != "meta":
+        if read:
             raise _missing(ref, label, expected[0], how)
         notes.append(_missing_note(ref, label, expected[0], how))
         model = construct(functools.partial(timm.create_model, name, pretrained=False, num_classes=req.classes),
                           req.base)
     else:
-        if device == "meta":
+        if not read:
             model = construct(functools.partial(timm.create_model, name, pretrained=False,
                                                 num_classes=req.classes), req.base)
         else:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from xdsl.checkpoint import load_checkpoint
+from xdsl.compile.pretrained import without_pretrained_files
 from xdsl.compile.stateful import adopt_term_sizes
 from xdsl.compile.weights import state_mismatch
 from xdsl.console import make_console, print_table
@@ -38,7 +39,8 @@ def evaluate_checkpoint(spec: Path, checkpoint: Path, *, device: str = "auto",
                         allow_imports: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint written by `xdsl run` and print the tables; return the results."""
     dev = pick_device(device)
-    compiled = compile_program(spec, device=dev, allow_imports=allow_imports)
+    with without_pretrained_files():  # the checkpoint replaces them: no ImageNet file needed to evaluate
+        compiled = compile_program(spec, device=dev, allow_imports=allow_imports)
     state = load_checkpoint(checkpoint, dev)
     modules = state.get("modules") if isinstance(state, dict) else None
     if isinstance(modules, dict):
