@@ -80,6 +80,11 @@ def test_checked_items_are_plain_data_with_positional_arguments_named():
     ("[random_flip]", "unknown transform 'random_flip'", "random_flip", "transforms with 'flip': random_horiz"),
     ("[random_rotation(10, interpolation=bicubick)]", "unknown interpolation 'bicubick'", "interpolation",
      "did you mean 'bicubic'?"),
+    # a zero std divides by zero (the batched recipe too): NaN at the first step, reported as a learning-rate problem
+    ("[normalize(mean=[0.5, 0.5, 0.5], std=[0, 1, 1])]", "'std' must be a list of numbers, one per channel, each > 0",
+     "std", None),
+    ("[normalize(mean=0.5, std=0.5)]", "'mean' must be a list of numbers", "mean", None),
+    ("[hflip, normalize, normalize]", "augment lists normalize twice", "normalize]", "keep one normalize"),
 ])
 def test_mistakes_are_located_with_a_hint(augment, message, at, hint):
     text = _spec(augment)

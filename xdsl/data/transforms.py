@@ -214,6 +214,10 @@ def _constraint(name: str, spec: TransformDef, kwargs: Mapping[str, Any]) -> Pro
                 isinstance(v, int) and not isinstance(v, bool) and v >= 0
                 for v in (value if isinstance(value, (list, tuple)) else [value])):
             must = "a non-negative integer or a list of them"
+        elif key in ("mean", "std") and spec.cls_name == "Normalize" and value is not None and not (
+                isinstance(value, (list, tuple)) and value and all(_is_number(v) and (key == "mean" or v > 0)
+                                                                   for v in value)):
+            must = "a list of numbers, one per channel" + (", each > 0 (it divides)" if key == "std" else "")
         elif key == "interpolation" and value not in _interpolations():
             return Problem(key, f"{name}(): unknown interpolation {value!r}",
                            _hint(str(value), _interpolations(), f"interpolations: {', '.join(_interpolations())}"))

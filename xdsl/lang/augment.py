@@ -41,9 +41,18 @@ def split_augment(s: ast.Data, params: dict[str, Any] | None, const: Callable[[a
             errors.append(SpecError("augment is true, false or a list of transforms", k.value.pos, _ITEM_HINT))
         else:
             items = [_item(e, const, errors) for e in k.value.items]
+            _once(k.value.items, items, errors)
             if all(i is not None for i in items):
                 out["augment"] = items
     return tuple(rest), out
+
+
+def _once(exprs: tuple[ast.Expr, ...], items: list, errors: list[SpecError]) -> None:
+    """`normalize` marks where images become normalised floats: twice would normalise them twice."""
+    seen = [e for e, i in zip(exprs, items) if i is not None and i[0] == "normalize"]
+    if len(seen) > 1:
+        errors.append(SpecError("augment lists normalize twice; images would be normalised twice", seen[1].pos,
+                                "keep one normalize"))
 
 
 def _image_datasets() -> list[str]:
