@@ -117,3 +117,18 @@ def test_split_train_items_share_one_pass_over_the_training_set(tmp_path: Path, 
     assert passes[0] == (["n1.up >> n1.down", "n1.up >> n2.down", "n2.up >> n2.down"], 3)  # then the shared test pass
     assert len([p for p in passes if p[1] == 3]) == 1
     assert [len(r.get("ranked") or []) for i in items for r in i["rows"]] == [0, 0, 3, 0, 0]
+
+
+def test_eval_train_on_reid_data_measures_the_training_identities(tmp_path: Path):
+    """Re-id test identities are not classes (no test accuracy), but its training identities are: eval_train
+    was silently ignored there."""
+    import json
+
+    spec = tmp_path / "re.xspec"
+    spec.write_text("data synthetic_reid(identities=8, test_identities=8, cameras=2, images_per_camera=2)\n"
+                    "network n = builtin.cnn(num_classes=8, in_channels=3, width=4)\n"
+                    "train t { minimize ce(n, y) wrt n; epochs 2; eval_train true }\nevaluate retrieval(n)\n")
+    result = CliRunner().invoke(app, ["run", str(spec), "--out", str(tmp_path / "run"), "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [0 <= r["train_acc"] <= 1 for r in rows] == [True, True] and all(r["test_acc"] is None for r in rows)

@@ -337,11 +337,13 @@ def _end_epoch(b: _Block, epoch: int, train_loss: dict[str, float], seconds: flo
     if not exp.schedule_per_step:
         exp.scheduler_step()
     eval_every = stage.settings.get("eval_every") or 1
-    due = b.bundle.retrieval is None and ((epoch + 1) % eval_every == 0 or epoch + 1 == b.epochs)
+    on_time = (epoch + 1) % eval_every == 0 or epoch + 1 == b.epochs
+    due = b.bundle.retrieval is None and on_time
     acc = epoch_accuracy(exp, test_loader, b.device) if due else {}
     val_acc = epoch_accuracy(exp, val_loader, b.device) if due and val_loader is not None else {}
+    # re-id training identities are classes: their accuracy is measured, though the test set's are not
     train_acc = epoch_accuracy(exp, shard_loader(b.bundle, b.opts.rank, b.opts.world_size, "train"), b.device) \
-        if due and stage.settings.get("eval_train") else {}
+        if on_time and stage.settings.get("eval_train") else {}
     terms = exp.term_means()
     for net in exp.networks:
         if net not in stage.trained and net not in acc:
