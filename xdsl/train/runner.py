@@ -395,7 +395,8 @@ def _best_modules(b: _Block) -> dict[str, torch.Tensor]:
     out = dict(b.best_states[max(b.best_states)])
     for key in out:
         kind, name = key.split(".", 2)[:2]
-        owners = (name,) if kind == "parts" else b.exp.program.adapters[name].owners if kind == "adapters" else ()
+        owners = (name,) if kind == "parts" else b.exp.program.adapters[name].owners if kind == "adapters" else \
+            (b.exp.term_owners.get(name),) if kind == "terms" else ()  # a stateful term: its owner's best epoch
         net = next((o for o in owners if o in epoch_of), None)
         if net is not None and epoch_of[net] in b.best_states:
             out[key] = b.best_states[epoch_of[net]][key]
