@@ -132,3 +132,15 @@ def test_eval_train_on_reid_data_measures_the_training_identities(tmp_path: Path
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [0 <= r["train_acc"] <= 1 for r in rows] == [True, True] and all(r["test_acc"] is None for r in rows)
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "1", '"0.1"'])
+def test_a_val_fraction_out_of_range_is_a_check_time_error_at_the_value(tmp_path: Path, value: str):
+    from xdsl.lang.check import check
+    from xdsl.lang.parser import parse
+
+    text = f"data digits(val_fraction={value})\n"
+    with pytest.raises(SpecError) as info:
+        check(parse(text, str(tmp_path / "v.xspec")))
+    assert info.value.message.startswith("val_fraction must be a number in [0, 1)")
+    assert (info.value.pos.line, info.value.pos.col) == (1, text.index(value) + 1)

@@ -13,6 +13,7 @@ from xdsl.errors import Pos, SpecError, SpecErrors, SpecWarning
 from xdsl.eval.items import EVALUATIONS
 from xdsl.lang import ast, ir
 from xdsl.lang.augment import soft_label_errors, split_augment
+from xdsl.lang.data_keywords import data_keyword_errors
 from xdsl.lang.flow import dead_terms
 from xdsl.lang.macros import expand_macros
 from xdsl.lang.primitives import declare_primitive, declared_only
@@ -131,8 +132,7 @@ class _Checker(TermChecker):
             raise SpecError(f"unknown dataset '{s.name}'", s.pos, _hint(s.name, DATASETS, None))
         plain, augment = split_augment(s, dataset_params(s.name), self.const, self.errors)  # augment=[...]
         kwargs = {**self._const_kwargs(plain, dataset_params(s.name), f"dataset '{s.name}'"), **augment}
-        if "batch_size" in kwargs and not (isinstance(kwargs["batch_size"], int) and kwargs["batch_size"] >= 1):
-            self.error("batch_size must be an integer >= 1", _kwpos(s.kwargs, "batch_size"))
+        self.errors += data_keyword_errors(s, kwargs)  # batch_size, val_fraction: checkable from the spec alone
         self.data = ir.DataDecl(s.name, kwargs, s.pos)
 
     def stmt_network(self, s: ast.Network) -> None:
