@@ -179,8 +179,10 @@ def natural_input(ref: str) -> tuple[int, ...]:
 
 def _unknown_model(ref: str, user_dir: Path | None) -> XdslError:
     candidates = model_names() + (list(user_models(user_dir)) if user_dir is not None else [])
-    guess = did_you_mean(ref, candidates)
-    hint = f"did you mean '{guess}'?" if guess else "`xdsl models PATTERN` lists the models"
+    same = [c for c in candidates if c.rsplit(".", 1)[-1] == ref]  # a bare name: its sources' models
+    close = did_you_mean(ref, candidates)
+    guess = " or ".join(f"'{c}'" for c in same) if same else (f"'{close}'" if close else None)
+    hint = f"did you mean {guess}?" if guess else "`xdsl models PATTERN` lists the models"
     return XdslError(f"unknown model '{ref}'", hint=hint)
 
 
