@@ -166,6 +166,9 @@ def raises(p, y):
 def detached(p, y):
     return F.cross_entropy(p.detach(), y)
 
+def tempered(p, y, T=1.0):
+    return F.cross_entropy(p / T, y)
+
 def in_place(p, y):
     t = p.detach()
     t.mul_(2.0)  # writes into the network's logits, which other terms share
@@ -205,6 +208,11 @@ def test_a_function_that_does_not_do_what_its_declaration_says_is_a_located_erro
     assert f"primitive 'f' ('probed:{fn}') called as f(net1, y) on a batch of 2 (p: logits (2, 10), y: labels (2,))" \
         in message
     assert expected in message
+
+
+def test_a_call_whose_numbers_make_the_loss_non_finite_is_a_located_error(spec_dir):
+    message = _probe_error(spec_dir, "tempered", "f(s, y, T=0)", "p=logits, y=labels, T=number")
+    assert "called as f(net1, y, 0.0)" in message and "returned nan" in message and "division by a 0" in message
 
 
 def test_a_target_that_is_not_detached_is_a_located_error_and_the_probe_keeps_the_random_stream(spec_dir):

@@ -98,6 +98,9 @@ def _probe(compiled: Compiled, prim: ir.Prim, spec: LossSpec) -> SpecError | Non
                else f"a value of type {type(out).__name__}")
         return SpecError(f"{where} returned {got}; a loss primitive returns a floating-point scalar tensor",
                          prim.pos, "reduce over the batch (e.g. `return loss.mean()`) and compute in floating point")
+    if not bool(torch.isfinite(out.detach()).all()):  # e.g. a temperature of 0: NaN from the first step on
+        return SpecError(f"{where} returned {out.item()}", prim.pos,
+                         "check the call's number arguments (a division by a 0 keyword?) and the function")
     return _gradient_problem(prim, spec, values, out, where)
 
 
