@@ -20,7 +20,7 @@ def test_a_network_with_fewer_outputs_than_the_data_has_classes_fails_before_tra
                     "train { minimize ce(s, y) wrt s; epochs 1 }\n")
     result = CliRunner().invoke(app, ["run", str(spec), "--out", str(tmp_path / "run"), "--device", "cpu", "-q"])
     assert result.exit_code == 2, result.output
-    assert "few.xspec:2:1: error: network 's' has 5 class outputs, but data digits has 10 classes" in result.output
+    assert "few.xspec:3:18: error: ce(): s has 5 class outputs, but data digits has 10 classes" in result.output
     assert "num_classes=10" in result.output and "Traceback" not in result.output
     assert not list((tmp_path / "run").rglob("metrics.jsonl"))
 
@@ -30,14 +30,16 @@ def test_mixup_needs_exactly_one_output_per_class(tmp_path: Path):
     spec.write_text("data cifar10(augment=[mixup(alpha=0.2)])\n"
                     "network a = builtin.mlp(in_features=3072, hidden=8, num_classes=100)\n"
                     "network b = builtin.mlp(in_features=3072, hidden=8, num_classes=10)\n"
-                    "train { minimize ce(s, y) wrt s for s in [a, b]; epochs 1 }\n")
+                    "network t = builtin.mlp(in_features=3072, hidden=8, num_classes=5)\n"  # features only: free
+                    "cut t at \"layer1\" into body, head\n"
+                    "train { minimize ce(s, y) + l2(t.body, t.body) wrt s for s in [a, b]; epochs 1 }\n")
     compiled = compile_program(spec, device="meta")
     bundle = DataBundle(train=None, test=None, num_classes=10, input_shape=(3, 32, 32), batch_size=8,
                         num_workers=0, name="cifar10", batch_mix=object())
     with pytest.raises(SpecError) as info:
         check_data_fit(compiled, bundle)
     assert (info.value.pos.line, info.value.message) == (
-        2, "network 'a' has 100 class outputs, but data cifar10 has 10 classes "
+        6, "ce(): a has 100 class outputs, but data cifar10 has 10 classes "
            "(mixup/cutmix labels have one column per class)")
     bundle.batch_mix = None  # hard labels: more outputs than classes is the user's choice (ce takes it)
     check_data_fit(compiled, bundle)

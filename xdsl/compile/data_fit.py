@@ -3,7 +3,8 @@
 `xdsl check` shapes the networks from the data statement alone; a run then builds the data and learns how
 many classes it has. A network with fewer outputs than classes makes `ce` index past its logits (a
 traceback at the first step, or on CUDA an assert); with mixup/cutmix the soft labels have one column per
-class, so the outputs must match exactly. Both are errors located at the network statement, before training.
+class, so the outputs must match exactly. Both are errors located at the loss term that meets the labels,
+before training; a network whose class outputs never meet the labels (a teacher used for its features) is free.
 """
 
 from __future__ import annotations
@@ -12,28 +13,44 @@ from xdsl.compile.assemble import Compiled
 from xdsl.compile.graph import path_node
 from xdsl.data.bundle import DataBundle
 from xdsl.errors import SpecError, SpecErrors
+from xdsl.lang import ir
 
 __all__ = ["check_data_fit", "check_ranked_k"]
 
 
+def _labelled_logits(compiled: Compiled):
+    """(path, its output width, the loss term) for every path whose class outputs meet the labels `y` in a loss
+    term: networks used only for features (a teacher's body) or only evaluated are free to have other widths."""
+    seen = set()
+    for stage in compiled.program.stages:
+        for term in stage.objectives.values():
+            for prim in ir.term_leaves(term):
+                if not any(isinstance(a, ir.Labels) for a in prim.args):
+                    continue
+                paths = [m for a in prim.args for m in (a.members if isinstance(a, ir.Ensemble) else (a,))
+                         if isinstance(m, ir.Path)]
+                for path in paths:
+                    shape = compiled.graph.nodes[path_node(path)].get("shape") if path_node(path) in compiled.graph \
+                        else None
+                    if shape is not None and len(shape) == 2 and (str(path), prim.pos) not in seen:
+                        seen.add((str(path), prim.pos))
+                        yield path, int(shape[-1]), prim
+
+
 def check_data_fit(compiled: Compiled, bundle: DataBundle) -> None:
-    """Raise located errors for networks whose class outputs cannot take the data's labels."""
-    program = compiled.program
+    """Raise located errors for loss terms whose class outputs cannot take the data's labels."""
     classes = int(bundle.num_classes)
     soft = bundle.batch_mix is not None
     errors: list[SpecError] = []
-    for net, decl in program.networks.items():
-        node = path_node(program.natural_path(net))
-        shape = compiled.graph.nodes[node].get("shape") if node in compiled.graph else None
-        if shape is None or len(shape) != 2:  # not class logits (a feature extractor)
-            continue
-        outputs = int(shape[-1])
+    for path, outputs, prim in _labelled_logits(compiled):
         if outputs < classes or (soft and outputs != classes):
             why = ("mixup/cutmix labels have one column per class" if soft and outputs > classes
                    else f"labels go up to {classes - 1}")
+            net = path.steps[-1].net if isinstance(path.steps[-1], ir.PartStep) else str(path)
             errors.append(SpecError(
-                f"network '{net}' has {outputs} class outputs, but data {bundle.name or program.data.name} has "
-                f"{classes} classes ({why})", decl.pos, f"build it with num_classes={classes}"))
+                f"{prim.name}(): {path} has {outputs} class outputs, but data "
+                f"{bundle.name or compiled.program.data.name} has {classes} classes ({why})", prim.pos,
+                f"build {net} with num_classes={classes}"))
     if len(errors) == 1:
         raise errors[0]
     if errors:
