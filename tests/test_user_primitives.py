@@ -111,6 +111,8 @@ def test_calls_are_checked_like_builtin_primitives(spec_dir):
     ('primitive focal = "my_losses:focl"(p=logits, y=labels, gamma=number)', "did you mean 'my_losses:focal'"),
     ('primitive focal = "other_module:focal"(p=logits, y=labels, gamma=number)', "not beside the spec"),
     ('primitive kl = "my_losses:focal"(p=logits, y=labels, gamma=number)', "built-in loss primitive"),
+    # a network above it: the primitive is the duplicate (one error, at the primitive)
+    ('primitive n = "my_losses:focal"(p=logits, y=labels, gamma=number)', "'n' is already defined as a network"),
     ('primitive f = "my_losses:Tensor"(p=logits, y=labels)', "is a class; a primitive is a function"),
     ('primitive s = "my_losses:sym_kl"(a=logits, b=logits, T=number, grad=bool)', "say which carry gradient"),
     ('primitive s = "my_losses:sym_kl"(a=logits, b=logits, T=number, grad=bool) learns bb', "did you mean 'b'"),

@@ -16,7 +16,7 @@ from xdsl.lang.augment import soft_label_errors, split_augment
 from xdsl.lang.data_keywords import data_keyword_errors
 from xdsl.lang.flow import dead_terms
 from xdsl.lang.macros import expand_macros
-from xdsl.lang.primitives import declare_primitive, declared_only
+from xdsl.lang.primitives import declare_primitive, declared_only, earlier_clash
 from xdsl.lang.settings import DEFAULT_OPTIMIZER, OPTIMIZERS, ORDERS, REQUIRED, SCHEDULES, SETTINGS
 from xdsl.lang.terms import BUILTIN_FUNCS, WHOLE, TermChecker, _hint
 from xdsl.lang.values import (
@@ -188,6 +188,8 @@ class _Checker(TermChecker):
 
     def _declare_primitive(self, s: ast.PrimitiveDecl) -> None:
         spec_dir = Path(self.spec.file).resolve().parent if Path(self.spec.file).is_file() else None
+        if clash := earlier_clash(s, self.spec):  # the name is taken above: this statement is the duplicate
+            return self.errors.append(clash)
         try:
             spec = declare_primitive(s, spec_dir, self.allow_imports)
         except SpecError as e:

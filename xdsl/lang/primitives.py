@@ -18,7 +18,7 @@ from xdsl.losses import ALWAYS, KINDS, LOSSES, REQUIRED, LossParam, LossSpec
 from xdsl.registry import did_you_mean
 from xdsl.user_code import user_callable
 
-__all__ = ["declare_primitive", "declared_only"]
+__all__ = ["declare_primitive", "declared_only", "earlier_clash"]
 
 _TENSOR_KINDS = ("logits", "features")
 
@@ -41,6 +41,20 @@ def declare_primitive(decl: ast.PrimitiveDecl, spec_dir: Path | None, allow_impo
     doc = inspect.getdoc(fn) or f"user loss {decl.ref}"
     keyword_only = frozenset(p.name for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY)
     return LossSpec(decl.name, fn, params, doc, (), grads, keyword_only)
+
+
+def earlier_clash(decl: ast.PrimitiveDecl, spec: ast.Spec) -> SpecError | None:
+    """Primitives are declared before the other statements (a loss may use one declared below it), so a name
+    clash would be blamed on whichever of the two comes later in the file only if we look here: a network,
+    adapter or loss of the same name above the primitive makes the primitive the duplicate."""
+    for s in spec.statements:
+        if (s.pos.line, s.pos.col) >= (decl.pos.line, decl.pos.col):
+            break
+        names = {ast.Network: lambda n: n.names, ast.Adapter: lambda n: (n.name,), ast.LossDef: lambda n: (n.name,)}
+        kind = {ast.Network: "network", ast.Adapter: "adapter", ast.LossDef: "loss"}.get(type(s))
+        if kind and decl.name in names[type(s)](s):
+            return SpecError(f"'{decl.name}' is already defined as a {kind}", decl.pos)
+    return None
 
 
 def declared_only(decl: ast.PrimitiveDecl) -> LossSpec | None:
