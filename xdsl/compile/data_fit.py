@@ -14,6 +14,7 @@ from xdsl.compile.graph import path_node
 from xdsl.data.bundle import DataBundle
 from xdsl.errors import SpecError, SpecErrors
 from xdsl.lang import ir
+from xdsl.losses import primitive_spec
 
 __all__ = ["check_data_fit", "check_ranked_k"]
 
@@ -27,8 +28,10 @@ def _labelled_logits(compiled: Compiled):
             for prim in ir.term_leaves(term):
                 if not any(isinstance(a, ir.Labels) for a in prim.args):
                     continue
-                paths = [m for a in prim.args for m in (a.members if isinstance(a, ir.Ensemble) else (a,))
-                         if isinstance(m, ir.Path)]
+                spec = primitive_spec(prim)
+                kinds = [p.kind for p in spec.params] if spec is not None else ["logits"] * len(prim.args)
+                paths = [m for k, a in zip(kinds, prim.args) if k == "logits"  # features (crd's) are free
+                         for m in (a.members if isinstance(a, ir.Ensemble) else (a,)) if isinstance(m, ir.Path)]
                 for path in paths:
                     shape = compiled.graph.nodes[path_node(path)].get("shape") if path_node(path) in compiled.graph \
                         else None
