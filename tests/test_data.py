@@ -93,7 +93,8 @@ def _order(bundle: DataBundle, epoch_seed: int) -> torch.Tensor:
 
 
 def test_registry_and_params():
-    assert set(DATASETS) == {"digits", "synthetic", "cifar10", "cifar100", "tiny_imagenet", "market1501",
+    assert set(DATASETS) == {"digits", "synthetic", "cifar10", "cifar100", "tiny_imagenet", "image_folder",
+                             "imagenet", "market1501",
                              "synthetic_reid"}
     pipeline = {"pipeline": "auto", "memory_budget": "25%"}  # every dataset accepts these
     assert dataset_params("digits") == {"train_fraction": 0.5, "batch_size": 64, "val_fraction": 0.0, **pipeline}

@@ -70,6 +70,34 @@ def test_batched_random_resized_crop_matches_torchvision_resized_crop(out):
     torch.testing.assert_close(batch, _reference(images, indices, recipe, 2, 9), rtol=0, atol=5e-5)
 
 
+@pytest.mark.parametrize("resize", [None, 40])
+@pytest.mark.parametrize("flip", [False, True])
+def test_centre_crop_and_resize_match_torchvisions_resize_and_center_crop(resize, flip):
+    """ImageNet's evaluation recipe Resize(int) + CenterCrop: both paths equal each other exactly, and
+    torchvision's transforms (whose resize of uint8 rounds back to uint8, as ours does)."""
+    images = _images(24, 48)[:, :, :, :36]  # 48 x 36: not square, so the shorter side decides
+    indices = np.arange(24)
+    recipe = Recipe(MEAN, STD, crop="center", flip=flip, size=(32, 32), resize=resize)
+    draws = draw(recipe, 1, 2, indices, (48, 36))
+    batch = augment_batch(images, draws, recipe)
+    assert batch.shape == (24, 3, 32, 32)
+    assert torch.equal(batch, _reference(images, indices, recipe, 1, 2))
+    assert [draw_one(recipe, 1, 2, i, (48, 36)) for i in range(24)] == [draws.row(k) for k in range(24)]
+    if not flip:
+        steps = [v2.Resize(resize)] if resize else []
+        tv = v2.Compose([*steps, v2.CenterCrop(32), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+        assert torch.equal(batch, torch.stack([tv(img) for img in images]))
+
+
+def test_random_resized_crop_after_a_resize_matches_the_reference():
+    images = _images(16, 40)
+    recipe = Recipe(MEAN, STD, crop="resized", flip=True, size=(24, 24), resize=32)
+    draws = draw(recipe, 0, 3, np.arange(16), (40, 40))
+    assert int((draws.top + draws.height).max()) <= 32  # boxes are drawn in the resized image
+    torch.testing.assert_close(augment_batch(images, draws, recipe), _reference(images, np.arange(16), recipe, 0, 3),
+                               rtol=0, atol=5e-5)
+
+
 # --------------------------------------------------------------------- the distribution of the draws
 
 

@@ -28,9 +28,6 @@ from xdsl.shapes import infer_shapes
 
 __all__ = ["Compiled", "assemble", "input_shape_of"]
 
-# (C, H, W) of one sample per dataset, known without reading the data (for `xdsl check`)
-_INPUT_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32),
-                 "tiny_imagenet": (3, 64, 64)}
 DEFAULT_INPUT_SHAPE = (3, 224, 224)  # ImageNet-sized, for specs with no `data` statement
 
 
@@ -38,14 +35,9 @@ def input_shape_of(program: ir.Program) -> tuple[int, ...]:
     """The shape of one input sample, from the `data` statement alone."""
     if program.data is None:
         return DEFAULT_INPUT_SHAPE
-    if program.data.name in ("synthetic", "synthetic_reid"):
-        from xdsl.data import dataset_params
+    from xdsl.data import input_shape
 
-        return tuple(program.data.kwargs.get("shape", dataset_params(program.data.name)["shape"]))
-    if program.data.name == "market1501":
-        kw = program.data.kwargs
-        return (3, int(kw.get("height", 224)), int(kw.get("width", 224)))
-    return _INPUT_SHAPES.get(program.data.name, DEFAULT_INPUT_SHAPE)
+    return input_shape(program.data.name, program.data.kwargs) or DEFAULT_INPUT_SHAPE
 
 
 @dataclass

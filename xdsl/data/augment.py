@@ -16,6 +16,8 @@ Three parts, each reproducible from (run seed, epoch seed, sample or batch index
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -184,7 +186,8 @@ def apply_augment(bundle: Any, items: Sequence[Item], seed: int) -> None:
     norm = [kw for n, kw in sample if TRANSFORMS[n].cls_name == "Normalize" and kw.get("mean") is not None]
     if norm:
         for ds in [train, *_eval_datasets(bundle)]:
-            ds.eval_recipe = Recipe(tuple(norm[0]["mean"]), tuple(norm[0]["std"]))
+            ds.eval_recipe = dataclasses.replace(ds.eval_recipe, mean=tuple(norm[0]["mean"]),  # keeps a centre crop
+                                                 std=tuple(norm[0]["std"]))
     _dry_run(bundle, train)
     bundle.batch_mix = BatchMix(batch, bundle.num_classes, seed) if batch else None
     bundle.notes.append(describe(recipe, sample, batch))

@@ -2,7 +2,7 @@
 
 A `Recipe` names what a training image goes through: a random crop (after padding, or random-resized),
 a horizontal flip with probability 1/2, conversion to float in [0, 1], and normalisation. Evaluation
-images go through normalisation only.
+images go through normalisation only, or (ImageNet-style) a resize of the shorter side and a centre crop.
 
 Every random number comes from a counter-based hash of (run seed, epoch seed, sample index, stream),
 not from a stateful generator. So a sample is augmented the same way whichever process, worker or
@@ -31,7 +31,7 @@ from torchvision.transforms.v2 import functional as F
 
 __all__ = ["CROPS", "Draws", "Recipe", "augment_batch", "augment_one", "draw", "draw_one", "mix64", "uniforms"]
 
-CROPS = ("none", "pad", "resized")
+CROPS = ("none", "pad", "resized", "center")
 PAD_MODES = ("constant", "reflect", "edge")
 RESIZED_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries ten boxes before a centre crop
 
@@ -41,11 +41,13 @@ _GOLDEN, _MUL1, _MUL2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111
 
 @dataclass(frozen=True)
 class Recipe:
-    """One augmentation recipe; `crop` is 'none', 'pad' (pad, then a random crop) or 'resized'.
+    """One augmentation recipe; `crop` is 'none', 'pad' (pad, then a random crop), 'resized' or 'center'.
 
     `size` is the output (H, W); None keeps the input size (what 'pad' means for CIFAR: pad 4, crop 32).
     'resized' follows torchvision's RandomResizedCrop (area fraction `scale`, aspect ratio `ratio`,
-    log-uniform, ten attempts, then a centre crop) with an antialiased bilinear resize.
+    log-uniform, ten attempts, then a centre crop) with an antialiased bilinear resize. 'center' is
+    CenterCrop(size). `resize` (an int) first resizes the shorter side to it, as torchvision's
+    Resize(int) does: `resize=256, crop="center", size=(224, 224)` is ImageNet's evaluation recipe.
     """
 
     mean: tuple[float, ...]
@@ -57,14 +59,15 @@ class Recipe:
     pad_mode: str = "reflect"
     scale: tuple[float, float] = (0.08, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    resize: int | None = None
 
     def __post_init__(self) -> None:
         if self.crop not in CROPS:
             raise ValueError(f"crop must be one of {CROPS}, got {self.crop!r}")
         if self.pad_mode not in PAD_MODES:
             raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {self.pad_mode!r}")
-        if self.crop == "resized" and self.size is None:
-            raise ValueError("a 'resized' crop needs an output size")
+        if self.crop in ("resized", "center") and self.size is None:
+            raise ValueError(f"a {self.crop!r} crop needs an output size")
 
     @property
     def random(self) -> bool:
@@ -73,6 +76,15 @@ class Recipe:
 
     def out_size(self, in_size: tuple[int, int]) -> tuple[int, int]:
         return tuple(self.size) if self.size is not None else tuple(in_size)  # type: ignore[return-value]
+
+    def resized(self, in_size: tuple[int, int]) -> tuple[int, int]:
+        """The input size after `resize` (torchvision's Resize(int): shorter side to it, aspect kept)."""
+        h, w = int(in_size[0]), int(in_size[1])
+        if self.resize is None or min(h, w) == self.resize:
+            return h, w
+        if h <= w:
+            return self.resize, int(self.resize * w / h)
+        return int(self.resize * h / w), self.resize
 
 
 # ------------------------------------------------------------------------------------------ draws
@@ -144,7 +156,7 @@ def draw(recipe: Recipe, seed: int, epoch_seed: int, indices: np.ndarray | Seque
     """The random crop and flip of each sample in `indices` for this (seed, epoch)."""
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     n = len(idx)
-    h, w = in_size
+    h, w = in_size = recipe.resized(in_size)
     out_h, out_w = recipe.out_size(in_size)
     u = uniforms(seed, epoch_seed, idx, 3 + (2 * RESIZED_ATTEMPTS if recipe.crop == "resized" else 0))
     flip = (u[:, 2] < 0.5) if recipe.flip else np.zeros(n, dtype=bool)
@@ -152,9 +164,9 @@ def draw(recipe: Recipe, seed: int, epoch_seed: int, indices: np.ndarray | Seque
         span_h, span_w = h + 2 * recipe.pad - out_h + 1, w + 2 * recipe.pad - out_w + 1
         top, left = _below(u[:, 0], span_h), _below(u[:, 1], span_w)
         return Draws(top, left, np.full(n, out_h), np.full(n, out_w), flip)
-    if recipe.crop == "none":
-        zeros = np.zeros(n, dtype=np.int64)
-        return Draws(zeros, zeros.copy(), np.full(n, h), np.full(n, w), flip)
+    if recipe.crop in ("none", "center"):
+        top, left, height, width = _fixed_box(recipe, h, w)
+        return Draws(np.full(n, top), np.full(n, left), np.full(n, height), np.full(n, width), flip)
     ch, cw = _resized_boxes(recipe, u[:, 3:], h, w)
     return Draws(_below(u[:, 0], h - ch + 1), _below(u[:, 1], w - cw + 1), ch, cw, flip)
 
@@ -165,13 +177,24 @@ def draw_one(recipe: Recipe, seed: int, epoch_seed: int, index: int,
     if recipe.crop == "resized":
         return draw(recipe, seed, epoch_seed, [index], in_size).row(0)
     u = _uniforms_one(seed, epoch_seed, index, 3)
-    h, w = in_size
+    h, w = in_size = recipe.resized(in_size)
     out_h, out_w = recipe.out_size(in_size)
     flip = recipe.flip and u[2] < 0.5
-    if recipe.crop == "none":
-        return 0, 0, h, w, flip
+    if recipe.crop in ("none", "center"):
+        return (*_fixed_box(recipe, h, w), flip)
     span_h, span_w = h + 2 * recipe.pad - out_h + 1, w + 2 * recipe.pad - out_w + 1
     return min(math.floor(u[0] * span_h), span_h - 1), min(math.floor(u[1] * span_w), span_w - 1), out_h, out_w, flip
+
+
+def _fixed_box(recipe: Recipe, h: int, w: int) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the crop that draws nothing: the whole image, or torchvision's
+    CenterCrop box (offsets rounded as `F.center_crop` rounds them)."""
+    if recipe.crop == "none":
+        return 0, 0, h, w
+    out_h, out_w = recipe.out_size((h, w))
+    if out_h > h or out_w > w:
+        raise ValueError(f"a centre crop of {out_h}x{out_w} does not fit a {h}x{w} image")
+    return int(round((h - out_h) / 2.0)), int(round((w - out_w) / 2.0)), out_h, out_w
 
 
 def _resized_boxes(recipe: Recipe, u: np.ndarray, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
@@ -229,10 +252,14 @@ def augment_one(img: Tensor, box: tuple[int, int, int, int, bool], recipe: Recip
     The centre fallback of a 'resized' crop is centred, as in torchvision; its draws carry the offset.
     """
     top, left, height, width, flip = box
+    if recipe.resize is not None:
+        img = F.resize(img, [recipe.resize], antialias=True)
     if recipe.crop == "pad":
         if recipe.pad:
             img = F.pad(img, [recipe.pad], padding_mode=recipe.pad_mode)
         img = F.crop(img, top, left, height, width)
+    elif recipe.crop == "center":
+        img = F.center_crop(img, [height, width])
     elif recipe.crop == "resized":
         img = F.to_dtype(img, torch.float32, scale=True)
         img = F.resized_crop(img, top, left, height, width, list(recipe.out_size(img.shape[-2:])), antialias=True)
@@ -248,11 +275,23 @@ def augment_one(img: Tensor, box: tuple[int, int, int, int, bool], recipe: Recip
 
 def augment_batch(images: Tensor, draws: Draws, recipe: Recipe) -> Tensor:
     """A uint8 (B, C, H, W) batch, already gathered, augmented in a few tensor ops on its own device."""
+    if recipe.resize is not None:
+        images = F.resize(images, [recipe.resize], antialias=True)  # one call, the per-sample path's filter
+    if recipe.crop == "center":
+        top, left, height, width = draws.row(0)[:4]
+        images = images[..., top:top + height, left:left + width]
     if recipe.crop == "resized":
         return _resized_batch(images, draws, recipe)
     if recipe.crop == "pad" or draws.flip.any():
-        images = _crop_flip_batch(images, draws, recipe)
+        images = _crop_flip_batch(images, draws if recipe.crop == "pad" else _whole(images, draws), recipe)
     return _normalise(images, recipe)
+
+
+def _whole(images: Tensor, draws: Draws) -> Draws:
+    """The draws of a flip-only pass over `images` (already cropped): boxes covering each image."""
+    n, (h, w) = len(draws.flip), images.shape[-2:]
+    zeros = np.zeros(n, dtype=np.int64)
+    return Draws(zeros, zeros.copy(), np.full(n, h), np.full(n, w), draws.flip)
 
 
 def _normalise(images: Tensor, recipe: Recipe) -> Tensor:

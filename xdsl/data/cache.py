@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,7 +30,8 @@ from torch import Tensor
 
 from xdsl.errors import XdslError
 
-__all__ = ["CACHE_VERSION", "cache_file", "cached_images", "decode_image", "read_cache"]
+__all__ = ["CACHE_VERSION", "cache_file", "cached_images", "decode_cropped", "decode_image", "decode_native",
+           "read_cache"]
 
 CACHE_VERSION = 1
 MAGIC = b"XDSL-UINT8-IMAGES\n"
@@ -38,20 +39,54 @@ _ALIGN = 64  # pixels start at a multiple of this (so the file can be memory-map
 _CHUNK = 1 << 24
 
 
-def decode_image(path: str, size: tuple[int, int]) -> Tensor:
-    """One image file as uint8 (3, H, W) RGB, resized (antialiased) to `size` if it is another size."""
+def decode_native(path: str, size: tuple[int, int] | None = None) -> Tensor:
+    """One image file as uint8 (3, H, W) RGB at its own size (grayscale and palette images become RGB);
+    `size` is ignored (it makes this a decoder like the others, see `images.ImageFiles`)."""
     # PIL rather than torchvision.io, whose decoders are deprecated since torchvision 0.29.
     from PIL import Image, UnidentifiedImageError
     from torchvision.transforms.v2 import functional as F
 
     try:
         with Image.open(path) as pil:
-            img = F.pil_to_tensor(pil.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as e:
+            return F.pil_to_tensor(pil.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError) as e:
         raise XdslError(f"cannot decode image {path}: {e}") from None
+
+
+def decode_image(path: str, size: tuple[int, int]) -> Tensor:
+    """One image file as uint8 (3, H, W) RGB, resized (antialiased) to `size` if it is another size."""
+    from torchvision.transforms.v2 import functional as F
+
+    img = decode_native(path)
     if tuple(img.shape[-2:]) != tuple(size):
         img = F.resize(img, list(size), antialias=True)
     return img
+
+
+def decode_cropped(path: str, size: tuple[int, int], inner: int | None = None) -> Tensor:
+    """One image file as uint8 (3, H, W) RGB: shorter side resized to fit `size`, then centre-cropped to it
+    (torchvision's Resize(int) + CenterCrop: the aspect ratio is kept, the margins of the long side go).
+
+    With `inner`, the crop is placed (within a pixel of the centre) so that a later CenterCrop(inner) of
+    it is exactly torchvision's Resize(size) + CenterCrop(inner) of the file (centre offsets round twice).
+    """
+    from torchvision.transforms.v2 import functional as F
+
+    img = decode_native(path)
+    if tuple(img.shape[-2:]) == tuple(size):
+        return img
+    h, w = img.shape[-2:]
+    if size[0] == size[1]:  # exactly torchvision's Resize(int) rule for the long side
+        img = F.resize(img, [size[0]], antialias=True)
+    else:
+        scale = max(size[0] / h, size[1] / w)
+        img = F.resize(img, [max(size[0], round(h * scale)), max(size[1], round(w * scale))], antialias=True)
+    if inner is None:
+        return F.center_crop(img, list(size))
+    h, w = img.shape[-2:]
+    top = int(round((h - inner) / 2.0)) - int(round((size[0] - inner) / 2.0))
+    left = int(round((w - inner) / 2.0)) - int(round((size[1] - inner) / 2.0))
+    return F.crop(img, min(max(top, 0), h - size[0]), min(max(left, 0), w - size[1]), size[0], size[1])
 
 
 def cache_file(root: Path, split: str, size: tuple[int, int], cache_dir: Path | None = None) -> Path:
@@ -127,12 +162,14 @@ def _write_cache(path: Path, pixels: np.ndarray, sources: str) -> None:
         raise
 
 
-def _decode_all(paths: Sequence[str], size: tuple[int, int]) -> np.ndarray:
+def _decode_all(paths: Sequence[str], size: tuple[int, int], decode: Callable[[str, tuple[int, int]], Tensor] | None
+                ) -> np.ndarray:
     """Decode every file into one (N, 3, H, W) array; PIL decodes outside the GIL, so threads help."""
     pixels = np.empty((len(paths), 3, *size), dtype=np.uint8)
+    decode = decode or decode_image
 
     def one(i: int) -> None:
-        pixels[i] = decode_image(paths[i], size).numpy()
+        pixels[i] = decode(paths[i], size).numpy()
 
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         for _ in pool.map(one, range(len(paths))):
@@ -141,8 +178,12 @@ def _decode_all(paths: Sequence[str], size: tuple[int, int]) -> np.ndarray:
 
 
 def cached_images(paths: Sequence[str], size: tuple[int, int], path: Path,
-                  notes: list[str] | None = None) -> Tensor:
+                  notes: list[str] | None = None, decode: Callable[[str, tuple[int, int]], Tensor] | None = None
+                  ) -> Tensor:
     """uint8 (N, 3, H, W) images of `paths` at `size`, from the cache at `path` or decoded into it.
+
+    `decode(path, size)` makes one image (default `decode_image`, which stretches to `size`); a cache
+    written by another decoder must live under another file name (see `cache_file`'s `split`).
 
     A missing, stale or corrupt cache is rebuilt, with the reason appended to `notes`. If the cache
     cannot be written, the decoded images are used from memory and `notes` says so.
@@ -155,7 +196,7 @@ def cached_images(paths: Sequence[str], size: tuple[int, int], path: Path,
         if cached is not None:
             return cached
         notes.append(f"image cache {path}: {why}; rebuilding it")
-    pixels = _decode_all(paths, size)
+    pixels = _decode_all(paths, size, decode)
     try:
         _write_cache(path, pixels, sources)
     except OSError as e:

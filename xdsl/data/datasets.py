@@ -12,15 +12,17 @@ from torch.utils.data import TensorDataset
 
 from xdsl.data.augment import apply_augment
 from xdsl.data.bundle import DataBundle
+from xdsl.data.folders import image_folder, imagenet
 from xdsl.data.images import cifar10, cifar100, tiny_imagenet
 from xdsl.data.params import BuildContext, DataParamError, check_kwargs, require
 from xdsl.data.pipeline import DEFAULT_BUDGET, PIPELINES, batchable, parse_budget
 from xdsl.data.reid import market1501, synthetic_reid
 from xdsl.data.split import with_validation
 from xdsl.data.transforms import normalise_items
-from xdsl.registry import Registry
+from xdsl.registry import Registry, did_you_mean
 
-__all__ = ["DATASETS", "RETRIEVAL_DATASETS", "VAL_FRACTION", "build_data", "dataset_params", "digits", "synthetic"]
+__all__ = ["DATASETS", "RETRIEVAL_DATASETS", "VAL_FRACTION", "build_data", "dataset_params", "digits", "input_shape",
+           "spec_params", "synthetic"]
 
 VAL_FRACTION = "val_fraction"  # the parameter every dataset takes: share of the train set held out
 
@@ -109,10 +111,27 @@ def synthetic(
 
 DATASETS: Registry[Callable[..., DataBundle]] = Registry("dataset")
 """Dataset factories `f(ctx, *, keyword=default, ...) -> DataBundle`; their keywords are what a spec may pass."""
-for _factory_fn in (digits, synthetic, cifar10, cifar100, tiny_imagenet, market1501, synthetic_reid):
+for _factory_fn in (digits, synthetic, cifar10, cifar100, tiny_imagenet, image_folder, imagenet, market1501,
+                    synthetic_reid):
     DATASETS.register(_factory_fn.__name__, _factory_fn)
 RETRIEVAL_DATASETS = frozenset({"market1501", "synthetic_reid"})
 """Re-id datasets: evaluated by `retrieval(...)` on their query/gallery split, not by test accuracy."""
+
+
+# (C, H, W) of one sample, known without reading the data (for `xdsl check`)
+_INPUT_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "tiny_imagenet": (3, 64, 64)}
+
+
+def input_shape(name: str, kwargs: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """The shape of one input sample from the data statement alone (None when it says nothing)."""
+    if name in ("synthetic", "synthetic_reid"):
+        return tuple(kwargs.get("shape", dataset_params(name)["shape"]))
+    if name == "market1501":
+        return (3, int(kwargs.get("height", 224)), int(kwargs.get("width", 224)))
+    if name in ("image_folder", "imagenet"):
+        size = kwargs.get("size", 224)
+        return (3, size, size) if isinstance(size, int) and not isinstance(size, bool) and size >= 1 else None
+    return _INPUT_SHAPES.get(name)
 
 
 def _factory(name: str) -> Callable[..., DataBundle]:
@@ -135,6 +154,17 @@ def dataset_params(name: str) -> dict[str, Any]:
     params = list(inspect.signature(_factory(name)).parameters.values())[1:]
     own = {p.name: list(p.default) if isinstance(p.default, tuple) else p.default for p in params}
     return {**own, VAL_FRACTION: 0.0, **PIPELINE_PARAMS}
+
+
+def spec_params(name: str) -> dict[str, Any] | None:
+    """What the checker accepts for `data <name>(...)`: the keywords with their defaults, or None when
+    only building can tell (a user function's signature is read when it is imported, beside the spec).
+    An unknown name is a DataParamError with a did-you-mean hint."""
+    if name in DATASETS:
+        return dataset_params(name)
+    guess = did_you_mean(name, list(DATASETS))
+    raise DataParamError(f"unknown dataset '{name}'", dataset=name,
+                         hint=f"did you mean '{guess}'?" if guess else f"known: {', '.join(DATASETS)}")
 
 
 def _pipeline_settings(name: str, merged: dict[str, Any]) -> tuple[str, str]:

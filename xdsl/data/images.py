@@ -13,7 +13,7 @@ import copy
 import io
 import os
 import pickle
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ class AugmentedImages(Dataset):
         pad_mode: str = "reflect",
         seed: int = 0,
         recipe: Recipe | None = None,
+        eval_recipe: Recipe | None = None,
     ):
         self.labels = labels
         self.size = tuple(size)
@@ -72,7 +73,7 @@ class AugmentedImages(Dataset):
         self.epoch = 0
         self.train_recipe = recipe or Recipe(tuple(mean), tuple(std), crop="pad", flip=True, pad=pad,
                                              pad_mode=pad_mode)
-        self.eval_recipe = Recipe(tuple(mean), tuple(std))
+        self.eval_recipe = eval_recipe or Recipe(tuple(mean), tuple(std))
         self.sample_transform: Any = None  # an augment list beyond the Recipe: v2 per sample (data/augment.py)
 
     def use_augment(self, recipe: Recipe | None, sample_transform: Any = None) -> None:
@@ -142,14 +143,17 @@ class UInt8Images(AugmentedImages):
 
 
 class ImageFiles(AugmentedImages):
-    """Images decoded lazily from files, forced to RGB and `size` (for files not worth caching)."""
+    """Images decoded lazily from files as RGB (for files not worth caching): `decode(path, size)`, by
+    default `decode_image` (stretched to `size`); `cache.decode_native` keeps each file's own size."""
 
-    def __init__(self, paths: list[str], labels: Tensor, **kwargs):
+    def __init__(self, paths: list[str], labels: Tensor, decode: Callable[[str, tuple[int, int]], Tensor] | None = None,
+                 **kwargs):
         super().__init__(labels, **kwargs)
         self.paths = paths
+        self.decode = decode
 
     def _load(self, index: int) -> Tensor:
-        return decode_image(self.paths[index], self.size)
+        return (self.decode or decode_image)(self.paths[index], self.size)
 
 
 # ---------------------------------------------------------------------------------------------- CIFAR

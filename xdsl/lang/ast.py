@@ -123,7 +123,7 @@ Expr = Union[Number, String, Bool, Name, Attribute, Snapshot, Call, ListExpr, Bi
 
 @dataclass(frozen=True)
 class Data:
-    """`data digits(batch_size=64)`"""
+    """`data digits(batch_size=64)`, `data torchvision.SVHN(root="svhn")`, `data "mydata:load"()`"""
 
     name: str
     kwargs: tuple[Keyword, ...] = ()

@@ -123,15 +123,17 @@ class _Checker(TermChecker):
         return v
 
     def stmt_data(self, s: ast.Data) -> None:
-        from xdsl.data import DATASETS, dataset_params
+        from xdsl.data import DataParamError, spec_params
 
         if self.data is not None:
             self.error("only one 'data' statement is allowed", s.pos)
             return
-        if s.name not in DATASETS:
-            raise SpecError(f"unknown dataset '{s.name}'", s.pos, _hint(s.name, DATASETS, None))
-        plain, augment = split_augment(s, dataset_params(s.name), self.const, self.errors)  # augment=[...]
-        kwargs = {**self._const_kwargs(plain, dataset_params(s.name), f"dataset '{s.name}'"), **augment}
+        try:
+            allowed = spec_params(s.name)  # None: a user function, whose keywords are checked when built
+        except DataParamError as e:
+            raise SpecError(e.message, s.pos, e.hint) from None
+        plain, augment = split_augment(s, allowed, self.const, self.errors)  # augment=[...]
+        kwargs = {**self._const_kwargs(plain, allowed, f"dataset '{s.name}'"), **augment}
         self.errors += data_keyword_errors(s, kwargs)  # batch_size, val_fraction: checkable from the spec alone
         self.data = ir.DataDecl(s.name, kwargs, s.pos)
 

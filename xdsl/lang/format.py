@@ -56,7 +56,8 @@ def _quote(text: str) -> str:
 
 def _statement(s) -> str:
     if isinstance(s, ast.Data):
-        return f"data {s.name}({_arguments((), s.kwargs)})"
+        name = s.name if ":" not in s.name and "/" not in s.name else _quote(s.name)
+        return f"data {name}({_arguments((), s.kwargs)})"
     if isinstance(s, ast.Network):
         ref = s.ref if ":" not in s.ref and "/" not in s.ref else _quote(s.ref)
         text = f"network {', '.join(s.names)} = {ref}({_arguments((), s.kwargs)})"
