@@ -17,7 +17,6 @@ Three parts, each reproducible from (run seed, epoch seed, sample or batch index
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Iterator, Sequence
 from typing import Any
 
