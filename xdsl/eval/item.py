@@ -72,15 +72,18 @@ class EvaluateItem:
     # ---- checking (class level: the checker has no experiment) ----
     @classmethod
     def check_keywords(cls, kwargs: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
-        """(keyword, message, hint) when a keyword's value is wrong beyond its type, else None."""
+        """(keyword, message, hint) when a keyword's value is wrong beyond its type, else None; an item
+        with a `split` keyword gets its value checked here."""
+        if "split" in cls.keywords and kwargs.get("split", "test") not in SPLITS:
+            return "split", f"{cls.name}(): split is test or train, got '{kwargs['split']}'", None
         return None
 
     @classmethod
     def split(cls, kwargs: Mapping[str, Any]) -> str:
         """The data the item scores: "test" (a labelled test split of the training classes), "train",
         "query/gallery" (re-id retrieval) or "any" (features only). The checker keeps re-id data and
-        test-split items apart with it."""
-        return "test"
+        test-split items apart with it. Items with a `split` keyword score the split it names."""
+        return str(kwargs.get("split", "test")) if "split" in cls.keywords else "test"
 
     # ---- evaluation ----
     @property
@@ -201,16 +204,6 @@ class PerPathItem(EvaluateItem):
     (the seeds measure training accuracy and entropy there)."""
 
     keywords: ClassVar[dict[str, Any]] = {"split": "test"}
-
-    @classmethod
-    def check_keywords(cls, kwargs: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
-        if kwargs.get("split", "test") not in SPLITS:
-            return "split", f"{cls.name}(): split is test or train, got '{kwargs['split']}'", None
-        return None
-
-    @classmethod
-    def split(cls, kwargs: Mapping[str, Any]) -> str:
-        return str(kwargs.get("split", "test"))
 
     @property
     def title(self) -> str:

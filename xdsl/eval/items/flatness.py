@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from xdsl.eval.item import SPLITS, EvaluateItem, Result
+from xdsl.eval.item import EvaluateItem, Result
 from xdsl.eval.paths import path_label
 from xdsl.eval.table import Tab, fmt, fmt_acc
 from xdsl.lang import ir
@@ -32,16 +32,6 @@ class Flatness(EvaluateItem):
     keywords = {"sigmas": [0.0, 0.01, 0.02, 0.05], "draws": 3, "split": "test"}
     per_sample = False   # random draws: one process evaluates the whole test set
     title_keywords = True
-
-    @classmethod
-    def check_keywords(cls, kwargs: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
-        if kwargs["split"] not in SPLITS:
-            return "split", f"flatness(): split is test or train, got '{kwargs['split']}'", None
-        return None
-
-    @classmethod
-    def split(cls, kwargs: Mapping[str, Any]) -> str:
-        return str(kwargs.get("split", "test"))
 
     @property
     def sigmas(self) -> list[float]:
