@@ -91,7 +91,9 @@ def test_run_directory_holds_what_the_docs_list(digits_run) -> None:
     last = load_checkpoint(out / "checkpoints" / "dml" / "last.pt")
     assert last["done"] and last["epoch"] == EPOCHS
     final = load_checkpoint(out / "checkpoints" / "dml" / "final.pt")
-    assert set(final) == {"modules", "stage"}
+    assert set(final) == {"modules", "stage", "seed"}  # the seed rebuilds the run's validation split in xdsl eval
+    environment = json.loads((out / "environment.json").read_text())
+    assert isinstance(final["seed"], int) and final["seed"] == environment["seed"]
     assert final["modules"].keys() == last["modules"].keys()
     assert all(torch.equal(final["modules"][k], last["modules"][k]) for k in final["modules"])
 
