@@ -107,7 +107,7 @@ def test_unregistered_items_are_unknown_to_the_checker():
     with pytest.raises(SpecError, match="unknown evaluation 'feature_norm'"):
         check(parse(DATA + NETS + "evaluate feature_norm(net1)\n"))
     assert EVALUATIONS.names() == ["accuracy", "xross", "ensemble", "entropy", "flatness", "mapping", "latency",
-                                   "retrieval", "anytime", "cohort", "ranked"]
+                                   "retrieval", "anytime", "cohort", "ranked", "error_table"]
 
 
 def test_evaluation_computes_each_shared_prefix_once_in_generated_code(tmp_path):

@@ -53,6 +53,13 @@ def _summary(results: list[dict[str, Any]]) -> str:
     return _table(title, ["train block", *columns], rows, set(range(1, len(columns) + 1)), "results")
 
 
+def _run_tables(results: list[dict[str, Any]]) -> list[str]:
+    """Tables over the whole run (error_table: networks x methods), after the results table."""
+    from xdsl.eval.summary import run_tables
+
+    return [_table(t.title, t.headers, t.rows, t.numeric) for t in run_tables(results)]
+
+
 def _image(path: Path, caption: str) -> str:
     mime = "image/svg+xml" if path.suffix == ".svg" else "image/png"
     data = base64.b64encode(path.read_bytes()).decode()
@@ -118,7 +125,7 @@ def write_report(run: Path) -> Path | None:
     body = [f"<h1>xdsl run: {html.escape(name)}</h1>",
             f'<p class="meta">run directory {html.escape(str(run.resolve()))}; seed(s) '
             f'{", ".join(str(r.get("seed")) for r in results)}; device {html.escape(str(first.get("device")))}</p>',
-            "<h2>Results</h2>", _summary(results)]
+            "<h2>Results</h2>", _summary(results), *_run_tables(results)]
     figures = _figures(run)
     if figures:
         body += ["<h2>Figures</h2>", figures]

@@ -6,6 +6,7 @@
     compute(job)         after the pass: this process's result (items with their own passes run them here)
     merge(shards, n)     results of several processes' test shards -> one (per-sample means: exact)
     tables(result)       the result as tables (`xdsl.eval.table.Tab`)
+    run_tables(result, runs)  tables over every block of the run (`error_table`), after the results table
     columns(result)      its cells in the one-line-per-train-block summary `xdsl run` ends with
 
 Item modules import nothing above `lang` at run time (the checker imports them); they run paths
@@ -76,6 +77,13 @@ class EvaluateItem:
         with a `split` keyword gets its value checked here."""
         if "split" in cls.keywords and kwargs.get("split", "test") not in SPLITS:
             return "split", f"{cls.name}(): split is test or train, got '{kwargs['split']}'", None
+        return None
+
+    @classmethod
+    def check_program(cls, item: ir.EvalItem, program: ir.Program) -> tuple[str | None, int | None, str,
+                                                                            str | None] | None:
+        """After every statement is checked: (keyword or None, index in that keyword's list or None,
+        message, hint) when the item does not fit the program (`error_table` names blocks), else None."""
         return None
 
     @classmethod
@@ -196,6 +204,12 @@ class EvaluateItem:
     def columns(cls, result: Mapping[str, Any], n_networks: int | None) -> dict[str, float | None]:
         """Accuracy cells for the run summary (column name -> value); most items add none."""
         return {}
+
+    @classmethod
+    def run_tables(cls, result: Mapping[str, Any], all_results: list[Mapping[str, Any]]) -> list[Tab]:
+        """Tables over the whole run, drawn after the results table from `result` (the item's result
+        after the last block) and every block's results; most items have none."""
+        return []
 
 
 class PerPathItem(EvaluateItem):

@@ -1,7 +1,8 @@
 """The table `xdsl run` ends with: one row per train block, one column per network / cross path / ensemble.
 
 With `--seeds N` every cell is mean +/- std over the seeds. The full per-block tables (the XML paper's
-Xross format, flatness, mapping...) are printed before it and kept in results.json.
+Xross format, flatness, mapping...) are printed before it and kept in results.json. Tables over the
+whole run (`error_table`: networks x methods, the Born-Again paper's layout) are printed after it.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-__all__ = ["best_note", "summary_rows", "print_run_summary"]
+__all__ = ["best_note", "summary_rows", "run_tables", "print_run_summary"]
 
 
 def _columns(stage_result: dict[str, Any]) -> dict[str, float | None]:
@@ -40,6 +41,20 @@ def summary_rows(all_results: list[dict[str, Any]]) -> tuple[list[str], dict[str
     # best-epoch columns last
     columns = [c for c in columns if not c.endswith(" best")] + [c for c in columns if c.endswith(" best")]
     return columns, values
+
+
+def run_tables(all_results: list[dict[str, Any]]) -> list[Any]:
+    """The tables over every block of the run (`EvaluateItem.run_tables`), from the last block's items."""
+    from xdsl.eval.items import EVALUATIONS
+
+    if not all_results or not all_results[0].get("stages"):
+        return []
+    last = list(all_results[0]["stages"].values())[-1]
+    tabs = []
+    for item in last["evaluate"].get("items", []):
+        if item.get("kind") in EVALUATIONS and not item.get("error"):
+            tabs += EVALUATIONS.get(item["kind"]).run_tables(item, all_results)
+    return tabs
 
 
 def best_note(all_results: list[dict[str, Any]]) -> str:
@@ -92,4 +107,11 @@ def print_run_summary(all_results: list[dict[str, Any]], quiet: bool = False, sh
         for c in columns:
             table.add_row(c, *[_cell(values[stage].get(c)) for stage in values])
     print_table(console, table)
+    for tab in run_tables(all_results):  # networks x methods (error_table): after, never instead of, it
+        extra = Table(title=tab.title, caption=tab.caption)
+        for i, h in enumerate(tab.headers):
+            extra.add_column(h, justify="right" if i in tab.numeric else "left", no_wrap=True)
+        for row in tab.rows:
+            extra.add_row(*row)
+        print_table(console, extra)
     return {"columns": columns, "rows": {stage: {c: values[stage].get(c, []) for c in columns} for stage in values}}

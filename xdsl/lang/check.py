@@ -47,6 +47,7 @@ class _Checker(TermChecker):
         self.data: ir.DataDecl | None = None
         self.stages: list[ir.Stage] = []
         self.evaluate: list[ir.EvalItem] = []
+        self._eval_keywords: dict[int, tuple[ast.Keyword, ...]] = {}  # id(item) -> its keywords (positions)
         self._call_depth = 0
 
     def error(self, message: str, pos: Pos | None, hint: str | None = None) -> None:
@@ -67,6 +68,7 @@ class _Checker(TermChecker):
             except SpecError as e:
                 self.errors.append(e)
         self._check_task()
+        self._check_items_in_program()
         self.errors += soft_label_errors(self.data, self.stages)  # mixup/cutmix make y soft
         if self.errors:
             errors = _unique(self.errors)
@@ -239,7 +241,29 @@ class _Checker(TermChecker):
             raise SpecError(message, _kwpos(item.kwargs, keyword) or item.pos, hint)
         if takes == "networks" and len(args) < kind.min_networks:
             raise SpecError(f"{item.func}() needs at least {kind.min_networks} networks", item.pos)
-        return ir.EvalItem(item.func, tuple(args), kwargs, item.pos)
+        checked = ir.EvalItem(item.func, tuple(args), kwargs, item.pos)
+        self._eval_keywords[id(checked)] = item.kwargs
+        return checked
+
+    def _check_items_in_program(self) -> None:
+        """Items that name train blocks or other items (`error_table`), once every statement is checked
+        (after the other errors are fixed: a block that did not check would read as a missing one)."""
+        if self.errors:
+            return
+        program = ir.Program(self.spec.file, self.spec, self.data, self.networks, self.parts, self.cuts,
+                             self.adapters, self.stages, self.evaluate)
+        for item in self.evaluate:
+            wrong = EVALUATIONS.get(item.kind).check_program(item, program)
+            if wrong is None:
+                continue
+            keyword, index, message, hint = wrong
+            keywords = self._eval_keywords.get(id(item), ())
+            value = next((k.value for k in keywords if k.name == keyword), None)
+            if index is not None and isinstance(value, ast.ListExpr) and index < len(value.items):
+                pos = value.items[index].pos
+            else:
+                pos = value.pos if value is not None else item.pos
+            self.error(message, pos, hint)
 
     def _check_task(self) -> None:
         """Re-id data has no labelled test split of its training classes; classification data no

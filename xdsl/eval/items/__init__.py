@@ -10,6 +10,7 @@ from xdsl.eval.items.anytime import Anytime
 from xdsl.eval.items.cohort import Cohort
 from xdsl.eval.items.ensemble import Ensemble
 from xdsl.eval.items.entropy import Entropy
+from xdsl.eval.items.error_table import ErrorTable
 from xdsl.eval.items.flatness import Flatness
 from xdsl.eval.items.latency import Latency
 from xdsl.eval.items.mapping import ChannelMapping
@@ -22,5 +23,5 @@ __all__ = ["EVALUATIONS"]
 
 EVALUATIONS: Registry[type[EvaluateItem]] = Registry("evaluation")
 for _item in (Accuracy, Xross, Ensemble, Entropy, Flatness, ChannelMapping, Latency, Retrieval, Anytime, Cohort,
-              Ranked):
+              Ranked, ErrorTable):
     EVALUATIONS.register(_item.name, _item)
