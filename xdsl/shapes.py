@@ -9,7 +9,9 @@ still bump BatchNorm's real `num_batches_tracked`). Shapes include the batch dim
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import logging
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -34,9 +36,21 @@ def _tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
     return named + list(module.named_buffers(remove_duplicate=False))
 
 
+@contextlib.contextmanager
+def _quiet_fake_tensor_log() -> Iterator[None]:
+    """FakeTensorMode logs a traceback for every op that fails under it; the failure is reported as one error."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _fake_run(parts: Sequence[nn.Module], sample: Tensor, names: Sequence[str] | None) -> list[torch.Size]:
     shapes: list[torch.Size] = []
-    with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
+    with torch.no_grad(), _quiet_fake_tensor_log(), FakeTensorMode(allow_non_fake_inputs=True) as mode:
         x = mode.from_tensor(sample)
         for k, part in enumerate(parts):
             what = f"part '{names[k]}'" if names else f"part {k + 1} of {len(parts)}" if len(parts) > 1 else "module"
@@ -50,9 +64,11 @@ def _fake_run(parts: Sequence[nn.Module], sample: Tensor, names: Sequence[str] |
             except XdslError:
                 raise
             except Exception as e:
+                hint = (f"its input is a batch of the data's samples, each {tuple(x.shape[1:])}: the model's input "
+                        "keywords (in_features=, in_channels=, ...) must fit it") if k == 0 else None
                 raise XdslError(
                     f"{what} cannot take a tensor of shape {tuple(x.shape)}: "
-                    f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                    f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}", hint=hint
                 ) from e
             if not isinstance(out, Tensor):
                 raise XdslError(f"{what} returns {type(out).__name__}, not one tensor")

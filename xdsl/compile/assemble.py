@@ -31,13 +31,18 @@ __all__ = ["Compiled", "assemble", "input_shape_of"]
 DEFAULT_INPUT_SHAPE = (3, 224, 224)  # ImageNet-sized, for specs with no `data` statement
 
 
-def input_shape_of(program: ir.Program) -> tuple[int, ...]:
-    """The shape of one input sample, from the `data` statement alone."""
+def input_shape_of(program: ir.Program, spec_dir: Path | None = None, allow_imports: bool = False
+                   ) -> tuple[int, ...]:
+    """The shape of one input sample, from the `data` statement alone (a user data function is called for it)."""
     if program.data is None:
         return DEFAULT_INPUT_SHAPE
     from xdsl.data import input_shape
 
-    return input_shape(program.data.name, program.data.kwargs) or DEFAULT_INPUT_SHAPE
+    try:
+        shape = input_shape(program.data.name, program.data.kwargs, spec_dir=spec_dir, allow_imports=allow_imports)
+    except XdslError as e:
+        raise SpecError(e.message, program.data.pos, e.hint) from None
+    return shape or DEFAULT_INPUT_SHAPE
 
 
 @dataclass
@@ -93,7 +98,9 @@ def _build_networks(program: ir.Program, device: str, spec_dir: Path | None, all
                                          "checkpoints/<block>/final.pt")
                 load_network_weights(model, decl.weights, weights, name, decl.ref, device)
         except XdslError as e:
-            errors.append(_located(e, decl.pos))
+            error = _located(e, decl.pos)
+            if not any(str(seen) == str(error) for seen in errors):  # a cohort `a, b = ...` fails once, not per copy
+                errors.append(error)
             continue
         networks[name] = model
         if name in program.cuts:
@@ -196,7 +203,7 @@ def assemble(program: ir.Program, *, device: str | torch.device = "cpu", spec_di
              allow_imports: bool = False, input_shape: tuple[int, ...] | None = None) -> Compiled:
     """Build, cut and shape-check every network and adapter of a checked program."""
     device = torch.device(device)
-    input_shape = tuple(input_shape or input_shape_of(program))
+    input_shape = tuple(input_shape or input_shape_of(program, spec_dir, allow_imports))
     notes: list[str] = []
     networks, parts = _build_networks(program, "meta" if device.type == "meta" else "cpu", spec_dir, allow_imports,
                                       notes)

@@ -31,7 +31,7 @@ from torch import Tensor
 from xdsl.errors import XdslError
 
 __all__ = ["CACHE_VERSION", "cache_file", "cached_images", "decode_cropped", "decode_image", "decode_native",
-           "read_cache"]
+           "fit_cropped", "read_cache"]
 
 CACHE_VERSION = 1
 MAGIC = b"XDSL-UINT8-IMAGES\n"
@@ -70,9 +70,13 @@ def decode_cropped(path: str, size: tuple[int, int], inner: int | None = None) -
     With `inner`, the crop is placed (within a pixel of the centre) so that a later CenterCrop(inner) of
     it is exactly torchvision's Resize(size) + CenterCrop(inner) of the file (centre offsets round twice).
     """
+    return fit_cropped(decode_native(path), size, inner)
+
+
+def fit_cropped(img: Tensor, size: tuple[int, int], inner: int | None = None) -> Tensor:
+    """A uint8 (C, H, W) image resized and centre-cropped to `size` as `decode_cropped` does to a file."""
     from torchvision.transforms.v2 import functional as F
 
-    img = decode_native(path)
     if tuple(img.shape[-2:]) == tuple(size):
         return img
     h, w = img.shape[-2:]

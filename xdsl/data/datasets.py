@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -18,7 +19,10 @@ from xdsl.data.params import BuildContext, DataParamError, check_kwargs, require
 from xdsl.data.pipeline import DEFAULT_BUDGET, PIPELINES, batchable, parse_budget
 from xdsl.data.reid import market1501, synthetic_reid
 from xdsl.data.split import with_validation
+from xdsl.data.torchvision_data import build_torchvision, is_torchvision, torchvision_params, torchvision_shape
 from xdsl.data.transforms import normalise_items
+from xdsl.data.user_data import USER_DEFAULTS as USER_KEYWORDS
+from xdsl.data.user_data import build_user, is_user_ref, user_function, user_params, user_shape
 from xdsl.registry import Registry, did_you_mean
 
 __all__ = ["DATASETS", "RETRIEVAL_DATASETS", "VAL_FRACTION", "build_data", "dataset_params", "digits", "input_shape",
@@ -122,8 +126,14 @@ RETRIEVAL_DATASETS = frozenset({"market1501", "synthetic_reid"})
 _INPUT_SHAPES = {"digits": (1, 8, 8), "cifar10": (3, 32, 32), "cifar100": (3, 32, 32), "tiny_imagenet": (3, 64, 64)}
 
 
-def input_shape(name: str, kwargs: Mapping[str, Any]) -> tuple[int, ...] | None:
-    """The shape of one input sample from the data statement alone (None when it says nothing)."""
+def input_shape(name: str, kwargs: Mapping[str, Any], *, spec_dir: Path | None = None,
+                allow_imports: bool = False) -> tuple[int, ...] | None:
+    """The shape of one input sample from the data statement alone (None when it says nothing); a user
+    function `"module:fn"` is called for it (its first sample's shape: see `user_data.py`)."""
+    if is_torchvision(name):
+        return torchvision_shape(name, kwargs)
+    if is_user_ref(name):
+        return user_shape(name, dict(kwargs), spec_dir, allow_imports)
     if name in ("synthetic", "synthetic_reid"):
         return tuple(kwargs.get("shape", dataset_params(name)["shape"]))
     if name == "market1501":
@@ -134,7 +144,11 @@ def input_shape(name: str, kwargs: Mapping[str, Any]) -> tuple[int, ...] | None:
     return _INPUT_SHAPES.get(name)
 
 
-def _factory(name: str) -> Callable[..., DataBundle]:
+def _factory(name: str, spec_dir: Path | None = None, allow_imports: bool = False) -> Callable[..., DataBundle]:
+    if is_torchvision(name):
+        return build_torchvision
+    if is_user_ref(name):
+        return functools.partial(build_user, fn=user_function(name, spec_dir, allow_imports))
     if name not in DATASETS:
         raise DataParamError(
             f"unknown dataset '{name}' (known: {', '.join(DATASETS)})",
@@ -148,20 +162,27 @@ def _factory(name: str) -> Callable[..., DataBundle]:
 PIPELINE_PARAMS: dict[str, Any] = {"pipeline": "auto", "memory_budget": DEFAULT_BUDGET}
 
 
-def dataset_params(name: str) -> dict[str, Any]:
-    """Accepted parameters of dataset `name` with their defaults (lists as lists), for static checks;
-    every dataset also takes `val_fraction` (0: no validation split carved out, see `xdsl.data.split`)."""
-    params = list(inspect.signature(_factory(name)).parameters.values())[1:]
-    own = {p.name: list(p.default) if isinstance(p.default, tuple) else p.default for p in params}
-    return {**own, VAL_FRACTION: 0.0, **PIPELINE_PARAMS}
+def dataset_params(name: str, spec_dir: Path | None = None, allow_imports: bool = False) -> dict[str, Any] | None:
+    """Accepted parameters of dataset `name` with their defaults (lists as lists; `params.REQUIRED` where a
+    keyword has none), for static checks; every dataset also takes `val_fraction` (0: no validation split
+    carved out, see `xdsl.data.split`). None: a user function taking **kwargs, which accepts any keyword."""
+    if is_torchvision(name):
+        own: dict[str, Any] | None = torchvision_params(name)
+    elif is_user_ref(name):  # imported (under the user-code rule) for its signature
+        own = user_params(name, spec_dir, allow_imports)
+    else:
+        params = list(inspect.signature(_factory(name)).parameters.values())[1:]
+        own = {p.name: list(p.default) if isinstance(p.default, tuple) else p.default for p in params}
+    return None if own is None else {**own, VAL_FRACTION: 0.0, **PIPELINE_PARAMS}
 
 
-def spec_params(name: str) -> dict[str, Any] | None:
+def spec_params(name: str, spec_dir: Path | None = None, allow_imports: bool = False) -> dict[str, Any] | None:
     """What the checker accepts for `data <name>(...)`: the keywords with their defaults, or None when
-    only building can tell (a user function's signature is read when it is imported, beside the spec).
+    any keyword goes (a user function taking **kwargs). `torchvision.<Class>` and `"module:fn"` (imported
+    from beside the spec, or anywhere with `allow_imports`) read their signatures.
     An unknown name is a DataParamError with a did-you-mean hint."""
-    if name in DATASETS:
-        return dataset_params(name)
+    if name in DATASETS or is_torchvision(name) or is_user_ref(name):
+        return dataset_params(name, spec_dir, allow_imports)
     guess = did_you_mean(name, list(DATASETS))
     raise DataParamError(f"unknown dataset '{name}'", dataset=name,
                          hint=f"did you mean '{guess}'?" if guess else f"known: {', '.join(DATASETS)}")
@@ -182,12 +203,13 @@ def _pipeline_settings(name: str, merged: dict[str, Any]) -> tuple[str, str]:
     return pipeline, budget
 
 
-def _augment_items(name: str, kwargs: dict[str, Any]) -> tuple[dict[str, Any], list | None]:
+def _augment_items(name: str, kwargs: dict[str, Any], params: Mapping[str, Any]
+                   ) -> tuple[dict[str, Any], list | None]:
     """Take a list-valued `augment` out of `kwargs`, checked (see `transforms.py`); the factory gets `augment=true`."""
     items = kwargs.get("augment")
     if not isinstance(items, (list, tuple)):
         return kwargs, None
-    if "augment" not in dataset_params(name):
+    if "augment" not in params:
         raise DataParamError(f"dataset '{name}' has no image augmentation, so it takes no augment list",
                              dataset=name, key="augment", hint="augment applies to image datasets: "
                              + ", ".join(n for n in DATASETS if "augment" in dataset_params(n)))
@@ -205,23 +227,34 @@ def build_data(
     spec_dir: Path | None = None,
     seed: int = 0,
     device_is_cuda: bool = False,
+    allow_imports: bool = False,
 ) -> DataBundle:
     """Validate `kwargs` for dataset `name` and build its DataBundle.
 
     Relative `root` paths resolve against `spec_dir` (else the CWD); `seed` seeds augmentation (combined
     with each epoch seed) and the `val_fraction` split; `device_is_cuda` turns on pinned memory.
     `pipeline` and `memory_budget`, which every dataset accepts, are stored on the bundle;
-    `DataBundle.use_device` acts on them. Every failure is an XdslError (DataParamError, carrying
-    `.dataset` and `.key`).
+    `DataBundle.use_device` acts on them. A user function `"module:fn"` is imported under the user-code
+    rule (`allow_imports` for modules not beside the spec). Every failure is an XdslError (DataParamError,
+    carrying `.dataset` and `.key`).
     """
-    factory = _factory(name)
-    kwargs, items = _augment_items(name, dict(kwargs or {}))
-    merged = check_kwargs(name, kwargs, dataset_params(name))
+    spec_dir = Path(spec_dir) if spec_dir is not None else None
+    factory = _factory(name, spec_dir, allow_imports)
+    params = dataset_params(name, spec_dir, allow_imports)
+    if params is None:  # a user function taking **kwargs: xdsl's keywords are checked, the rest passed on
+        ours = {**USER_KEYWORDS, VAL_FRACTION: 0.0, **PIPELINE_PARAMS}
+        given = dict(kwargs or {})
+        merged = {**{k: v for k, v in given.items() if k not in ours},
+                  **check_kwargs(name, {k: v for k, v in given.items() if k in ours}, ours)}
+        items = None
+    else:
+        kwargs, items = _augment_items(name, dict(kwargs or {}), params)
+        merged = check_kwargs(name, kwargs, params)
     val_fraction = merged.pop(VAL_FRACTION)
     pipeline, budget = _pipeline_settings(name, merged)
     ctx = BuildContext(
         name=name,
-        spec_dir=Path(spec_dir) if spec_dir is not None else None,
+        spec_dir=spec_dir,
         seed=int(seed),
         device_is_cuda=bool(device_is_cuda),
     )

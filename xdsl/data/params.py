@@ -11,7 +11,17 @@ from typing import Any
 
 from xdsl.errors import XdslError
 
-__all__ = ["BuildContext", "DataParamError", "check_kwargs", "require", "resolve_spec_path"]
+__all__ = ["REQUIRED", "BuildContext", "DataParamError", "check_kwargs", "require", "resolve_spec_path"]
+
+
+class _Required:
+    """The default of a keyword the spec must give (`root=` of a torchvision dataset, a user function's own)."""
+
+    def __repr__(self) -> str:
+        return "<required>"
+
+
+REQUIRED = _Required()
 
 
 class DataParamError(XdslError):
@@ -138,4 +148,8 @@ def check_kwargs(name: str, kwargs: Mapping[str, Any], params: Mapping[str, Any]
     merged = dict(params)
     for key, value in kwargs.items():
         merged[key] = _coerce(name, key, value, params[key])
+    missing = [key for key, value in merged.items() if value is REQUIRED]
+    if missing:
+        raise DataParamError(f"dataset '{name}' needs {', '.join(f'{k}=' for k in missing)} (it has no default)",
+                             dataset=name, key=missing[0])
     return merged

@@ -130,13 +130,14 @@ class _Checker(TermChecker):
         if self.data is not None:
             self.error("only one 'data' statement is allowed", s.pos)
             return
-        try:
-            allowed = spec_params(s.name)  # None: a user function, whose keywords are checked when built
+        spec_dir = Path(self.spec.file).resolve().parent if Path(self.spec.file).is_file() else None
+        try:  # a "module:fn" is imported for its signature; None: it takes **kwargs
+            allowed = spec_params(s.name, spec_dir, self.allow_imports)
         except DataParamError as e:
             raise SpecError(e.message, s.pos, e.hint) from None
         plain, augment = split_augment(s, allowed, self.const, self.errors)  # augment=[...]
         kwargs = {**self._const_kwargs(plain, allowed, f"dataset '{s.name}'"), **augment}
-        self.errors += data_keyword_errors(s, kwargs)  # batch_size, val_fraction: checkable from the spec alone
+        self.errors += data_keyword_errors(s, kwargs, allowed)  # batch_size, val_fraction, required keywords
         self.data = ir.DataDecl(s.name, kwargs, s.pos)
 
     def stmt_network(self, s: ast.Network) -> None:

@@ -23,9 +23,15 @@ _RULES = {
 }
 
 
-def data_keyword_errors(s: ast.Data, kwargs: dict[str, Any]) -> list[SpecError]:
-    """Located errors of the data statement's statically checkable keywords."""
-    errors = []
+def data_keyword_errors(s: ast.Data, kwargs: dict[str, Any], allowed: dict[str, Any] | None = None
+                        ) -> list[SpecError]:
+    """Located errors of the data statement's statically checkable keywords, and of the keywords it must give
+    (`root=` of a torchvision dataset, a user function's parameters without a default)."""
+    from xdsl.data.params import REQUIRED
+
+    missing = [k for k, v in (allowed or {}).items() if v is REQUIRED and k not in kwargs]
+    errors = [SpecError(f"dataset '{s.name}' needs {', '.join(f'{k}=' for k in missing)} (no default)", s.pos)] \
+        if missing else []
     for name, (ok, must) in _RULES.items():
         if name in kwargs and not ok(kwargs[name]):
             pos = next((k.value.pos for k in s.kwargs if k.name == name), s.pos)

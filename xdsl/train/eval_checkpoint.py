@@ -58,7 +58,7 @@ def evaluate_checkpoint(spec: Path, checkpoint: Path, *, device: str = "auto",
     if program.data is None:
         raise SpecError("the spec has no 'data' statement, so it cannot be evaluated", None)
     bundle = build_data(program.data.name, program.data.kwargs, spec_dir=Path(spec).resolve().parent,
-                        seed=_run_seed(state, checkpoint))
+                        seed=_run_seed(state, checkpoint), allow_imports=allow_imports)
     items = program.evaluate or default_items(bundle)
     results = evaluate_items(exp, bundle.test_loader(), items, device=dev, data=bundle)
     console = make_console()

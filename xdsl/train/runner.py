@@ -471,7 +471,7 @@ def _data(spec: Path, program: ir.Program, opts: RunOptions, seed: int, device: 
                         'add e.g. `data digits(batch_size=64)`')
     try:
         bundle = build_data(program.data.name, program.data.kwargs, spec_dir=spec.resolve().parent, seed=seed,
-                            device_is_cuda=device.type == "cuda")
+                            device_is_cuda=device.type == "cuda", allow_imports=opts.allow_imports)
     except XdslError as e:
         raise SpecError(e.message, program.data.pos, e.hint) from None
     if "WORLD_SIZE" not in os.environ:
