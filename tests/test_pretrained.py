@@ -259,6 +259,92 @@ def test_shipped_pretrained_spec_checks_without_the_files_and_run_stops_before_t
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+MARKET_PRETRAINED = SHIPPED.parent / "dml_market1501_mobilenet_pretrained.xspec"
+MOBILENET_HUB_ID = "timm/mobilenetv1_100.ra4_e3600_r224_in1k"
+
+
+def test_shipped_timm_pretrained_spec_checks_without_the_files_and_run_stops_before_training(
+        torch_home: Path, tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("timm")
+    hf = tmp_path / "hf"
+    monkeypatch.setenv("HF_HUB_CACHE", str(hf))  # an empty Hugging Face cache
+    result = CliRunner().invoke(app, ["check", "--strict", str(MARKET_PRETRAINED)])
+    assert result.exit_code == 0 and result.output.startswith(f"ok: {MARKET_PRETRAINED}: "), result.output
+    folder = hf / f"models--{MOBILENET_HUB_ID.replace('/', '--')}"
+    assert f"{folder} is not there yet" in result.output
+    assert f"huggingface-cli download {MOBILENET_HUB_ID}" in result.output
+    assert "net2: timm.mobilenetv1_100 classifier: 1000 -> 751 classes, re-initialised" in result.output
+    result = CliRunner().invoke(app, ["run", str(MARKET_PRETRAINED), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    line = next(i for i, t in enumerate(MARKET_PRETRAINED.read_text().splitlines(), 1) if t.startswith("network"))
+    assert f"{MARKET_PRETRAINED}:{line}:" in result.output and str(folder) in result.output
+    assert f"huggingface-cli download {MOBILENET_HUB_ID}" in result.output
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_shipped_timm_pretrained_spec_loads_exactly_the_cached_checkpoint(torch_home: Path, tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    timm = pytest.importorskip("timm")
+    safetensors = pytest.importorskip("safetensors.torch")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    assert timm.models.get_pretrained_cfg("mobilenetv1_100").hf_hub_id == MOBILENET_HUB_ID
+    repo = tmp_path / "hf" / f"models--{MOBILENET_HUB_ID.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("f00d")
+    (repo / "snapshots" / "f00d").mkdir(parents=True)
+    torch.manual_seed(11)
+    state = timm.create_model("mobilenetv1_100").state_dict()
+    file = repo / "snapshots" / "f00d" / "model.safetensors"
+    safetensors.save_file({k: v.contiguous() for k, v in state.items()}, str(file))
+    compiled = compile_program(MARKET_PRETRAINED, device="cpu")  # no data needed to build the networks
+    assert compiled.num_classes == 751
+    for net in ("net1", "net2"):
+        assert f"network {net}: timm.mobilenetv1_100 weights pretrained ({MOBILENET_HUB_ID}): {file}" in compiled.notes
+        model = compiled.networks[net]
+        assert _equal(model.state_dict(), state, skip="classifier.")
+        assert model.classifier.weight.shape == (751, 1024)  # a new head, not the checkpoint's
+        with torch.no_grad():  # the retrieval feature: the 1024-d output of the last pooling layer
+            assert model.global_pool(model.forward_features(torch.zeros(1, 3, 64, 64))).shape == (1, 1024)
+    assert not torch.equal(compiled.networks["net1"].classifier.weight, compiled.networks["net2"].classifier.weight)
+
+
+GOOGLENET_FILE = "googlenet-1378be20.pth"  # basename of GoogLeNet_Weights.IMAGENET1K_V1.url
+
+
+def test_googlenet_weights_with_aux_logits_false_load_and_drop_the_aux_heads(torch_home: Path) -> None:
+    """torchvision refuses aux_logits=False with weights; xdsl loads the file (aux heads and all) and drops them."""
+    assert hub_checkpoint(torchvision.models.GoogLeNet_Weights.IMAGENET1K_V1.url).name == GOOGLENET_FILE
+    file = torch_home / "hub" / "checkpoints" / GOOGLENET_FILE
+    file.parent.mkdir(parents=True)
+    torch.manual_seed(9)
+    state = torchvision.models.googlenet(aux_logits=True, init_weights=True).state_dict()
+    torch.save(state, file)
+    notes: list[str] = []
+    model = build_model("torchvision.googlenet", {"weights": "IMAGENET1K_V1", "aux_logits": False, "num_classes": 751,
+                                                  "new_head": True, "transform_input": False}, notes=notes)
+    assert notes == [f"torchvision.googlenet weights IMAGENET1K_V1: {file}",
+                     "torchvision.googlenet fc: 1000 -> 751 classes, re-initialised"]
+    assert model.aux1 is None and model.aux2 is None and not model.aux_logits and not model.transform_input
+    kept = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2."))}
+    assert _equal(model.state_dict(), kept, skip="fc.") and model.fc.weight.shape == (751, 1024)
+    model.train()
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, 751)  # a tensor, not GoogLeNetOutputs
+
+
+def test_inception_v3_weights_with_aux_logits_false_drop_the_aux_head_on_meta(torch_home: Path) -> None:
+    notes: list[str] = []
+    model = build_model("torchvision.inception_v3", {"weights": "IMAGENET1K_V1", "aux_logits": False,
+                                                     "num_classes": 751, "new_head": True}, device="meta", notes=notes)
+    assert model.AuxLogits is None and not model.aux_logits
+    assert "inception_v3_google-0cc3c7bd.pth is not there yet" in notes[0]
+    assert notes[1:] == ["torchvision.inception_v3 fc: 1000 -> 751 classes, re-initialised"]
+    notes = []  # aux_logits left out: torchvision's default with weights keeps the head, and new_head renews it
+    model = build_model("torchvision.inception_v3", {"weights": "IMAGENET1K_V1", "num_classes": 751,
+                                                     "new_head": True}, device="meta", notes=notes)
+    assert model.AuxLogits is not None and model.aux_logits
+    assert "torchvision.inception_v3 AuxLogits.fc: 1000 -> 751 classes, re-initialised" in notes
+
+
 def test_new_head_with_a_local_state_dict_file(tmp_path: Path) -> None:
     torch.manual_seed(1)
     source = build_model("builtin.cnn", {"width": 8, "num_classes": 10})

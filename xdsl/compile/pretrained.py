@@ -184,6 +184,10 @@ class _Request:
         return {k: v for k, v in self.kwargs.items() if k != "num_classes"}
 
 
+_AUX_HEADS = {"googlenet": ("aux1", "aux2"), "inception_v3": ("AuxLogits",)}
+"""The auxiliary classifiers torchvision's pretrained builders load and then drop unless aux_logits is true."""
+
+
 def load_torchvision(ref: str, name: str, kwargs: dict[str, Any], *, new_head: bool, device: str,
                      construct: Construct, notes: list[str]) -> nn.Module:
     """`torchvision.<arch>(weights=name, ...)` from the torch hub cache; see the module docstring."""
@@ -199,12 +203,19 @@ def load_torchvision(ref: str, name: str, kwargs: dict[str, Any], *, new_head: b
     if read and not file.is_file():
         raise _missing(ref, label, file, _fetch_into(weights.url, file))
     builder = functools.partial(get_model, arch, weights=weights)
+    base, aux_off = req.base, req.base.get("aux_logits") is False and arch in _AUX_HEADS
+    if aux_off:  # torchvision refuses aux_logits=False with weights, yet drops the heads when it is left out
+        base = {k: v for k, v in base.items() if k != "aux_logits"}
     try:
         with _patched_torchvision_load(weights.url, file if read else None, ref):
-            model = construct(builder, req.base)
+            model = construct(builder, base)
     except RuntimeError as e:  # load_state_dict: keys or shapes do not fit
         lines = [line.strip() for line in str(e).strip().splitlines()[:4]]
         raise XdslError(f"{ref}: the weights in {file} do not fit the model", hint="; ".join(lines)) from None
+    if aux_off:  # as torchvision's builders do for aux_logits left out (inception_v3 keeps them then)
+        model.aux_logits = False
+        for head in _AUX_HEADS[arch]:
+            setattr(model, head, None)
     notes.append(_missing_note(ref, label, file, _fetch_into(weights.url, file)) if not read
                  and not file.is_file()
                  else f"{ref} weights {label}: {file}")
