@@ -111,7 +111,9 @@ CASES: list[tuple[str, str | bytes, str, str, str | None]] = [
      "put an adapter between them, e.g. `adapter a = conv1x1(relu=true) owner net2`"),
     ("shape_input_channels", "data digits(batch_size=32)\nnetwork n = builtin.cnn(num_classes=10, in_channels=3)",
      "2:1", "n: module cannot take a tensor of shape (2, 1, 8, 8): RuntimeError: Given groups=1, weight of size "
-     "[16, 3, 3, 3], expected input[2, 1, 8, 8] to have 3 channels, but got 1 channels instead", None),
+     "[16, 3, 3, 3], expected input[2, 1, 8, 8] to have 3 channels, but got 1 channels instead",
+     "its input is a batch of the data's samples, each (1, 8, 8): the model's input keywords (in_features=, "
+     "in_channels=, ...) must fit it"),
     ("shape_path_not_consecutive", H + _t("ce(net1.down >> net2.down, y)"), "4:21",
      "path net1.up >> net1.down >> net2.down is not consecutive: net2.down is part 2 of net2, but part 3 must come "
      "after net1.down", None),
