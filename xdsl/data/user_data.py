@@ -31,6 +31,7 @@ __all__ = ["USER_DEFAULTS", "UserSamples", "build_user", "is_user_ref", "user_fu
 
 USER_DEFAULTS: dict[str, Any] = {"batch_size": 64, "num_workers": 0}
 _RETURNS = "(train, test) datasets of (tensor, label) pairs"
+_XDSL_KEYS = frozenset({"val_fraction", "pipeline", "memory_budget"})  # taken out by build_data before the factory
 _LAST: dict[tuple, tuple] = {}  # the last call's key -> its checked result (one entry: datasets can be large)
 
 
@@ -76,7 +77,7 @@ class UserSamples(Dataset):
         return self.data[index][0], int(self.labels[index])
 
 
-def _label(ref: str, split: str, i: int, y: Any) -> int:
+def _label(split: str, i: int, y: Any) -> int:
     if isinstance(y, Tensor) and y.numel() == 1 and not y.is_floating_point() and y.dtype is not torch.bool:
         y = y.item()
     elif isinstance(y, np.integer):
@@ -126,7 +127,7 @@ def _read(ref: str, split: str, data: Any, shape: tuple[int, ...] | None) -> tup
     for i in range(n):
         x, y = _pair(split, i, data[i])
         shape = _check_x(split, i, x, shape)
-        labels.append(_label(ref, split, i, y))
+        labels.append(_label(split, i, y))
     return torch.tensor(labels, dtype=torch.long), shape  # type: ignore[return-value]
 
 
@@ -182,8 +183,6 @@ def user_shape(name: str, kwargs: dict[str, Any], spec_dir: Path | None, allow_i
     except XdslError as e:
         raise _fail(ctx, e) from None
 
-
-_XDSL_KEYS = frozenset({"val_fraction", "pipeline", "memory_budget"})  # taken out by build_data before the factory
 
 
 def build_user(ctx: BuildContext, *, fn: Callable[..., Any], batch_size: int, num_workers: int,
