@@ -302,3 +302,12 @@ def test_user_shapes_reach_the_checker(user_dir):
         from xdsl.experiment import load
 
         load(spec)
+
+
+def test_more_class_outputs_than_the_data_has_classes_is_a_located_warning(user_dir):
+    spec = _user_spec(user_dir, '"mydata:load"(classes=3)', "builtin.mlp(in_features=6)")  # mlp's 10 outputs
+    result = CliRunner().invoke(app, ["run", str(spec), "--out", str(user_dir / "run"), "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output  # it trains, but says what it trains
+    text = " ".join(result.output.split())
+    assert "s.xspec:3:1: warning: ce(): a has 10 class outputs, but data mydata:load has 3 classes: 7 of them " \
+           "never see a label" in text and "build a with num_classes=3" in text

@@ -5,14 +5,17 @@ many classes it has. A network with fewer outputs than classes makes `ce` index 
 traceback at the first step, or on CUDA an assert); with mixup/cutmix the soft labels have one column per
 class, so the outputs must match exactly. Both are errors located at the loss term that meets the labels,
 before training; a network whose class outputs never meet the labels (a teacher used for its features) is free.
+More outputs than classes trains, but the extra logits take softmax mass no label asks for: a located warning.
 """
 
 from __future__ import annotations
 
+import warnings
+
 from xdsl.compile.assemble import Compiled
 from xdsl.compile.graph import path_node
 from xdsl.data.bundle import DataBundle
-from xdsl.errors import SpecError, SpecErrors
+from xdsl.errors import SpecError, SpecErrors, SpecWarning, XdslWarning
 from xdsl.lang import ir
 from xdsl.losses import primitive_spec
 
@@ -46,6 +49,13 @@ def check_data_fit(compiled: Compiled, bundle: DataBundle) -> None:
     soft = bundle.batch_mix is not None
     errors: list[SpecError] = []
     for path, outputs, prim in _labelled_logits(compiled):
+        if outputs > classes and not soft:  # trains, but not the classifier the data asks for
+            net = path.steps[-1].net if isinstance(path.steps[-1], ir.PartStep) else str(path)
+            warnings.warn(XdslWarning(SpecWarning(
+                f"{prim.name}(): {path} has {outputs} class outputs, but data "
+                f"{bundle.name or compiled.program.data.name} has {classes} classes: {outputs - classes} of them "
+                "never see a label, yet share the softmax", prim.pos,
+                f"build {net} with num_classes={classes} (a pretrained head: new_head=true)").render()), stacklevel=2)
         if outputs < classes or (soft and outputs != classes):
             why = ("mixup/cutmix labels have one column per class" if soft and outputs > classes
                    else f"labels go up to {classes - 1}")
