@@ -108,10 +108,5 @@ def print_run_summary(all_results: list[dict[str, Any]], quiet: bool = False, sh
             table.add_row(c, *[_cell(values[stage].get(c)) for stage in values])
     print_table(console, table)
     for tab in run_tables(all_results):  # networks x methods (error_table): after, never instead of, it
-        extra = Table(title=tab.title, caption=tab.caption)
-        for i, h in enumerate(tab.headers):
-            extra.add_column(h, justify="right" if i in tab.numeric else "left", no_wrap=True)
-        for row in tab.rows:
-            extra.add_row(*row)
-        print_table(console, extra)
+        print_table(console, tab.to_rich(no_wrap=True))
     return {"columns": columns, "rows": {stage: {c: values[stage].get(c, []) for c in columns} for stage in values}}

@@ -20,6 +20,17 @@ class Tab:
     caption: str | None = None
     numeric: set[int] = field(default_factory=set)
 
+    def to_rich(self, *, no_wrap: bool = False) -> Any:
+        """The table as a rich Table (numeric columns right-aligned), for the terminal."""
+        from rich.table import Table
+
+        table = Table(title=self.title, caption=self.caption)
+        for i, h in enumerate(self.headers):
+            table.add_column(h, justify="right" if i in self.numeric else "left", no_wrap=no_wrap)
+        for row in self.rows:
+            table.add_row(*row)
+        return table
+
 
 def fmt_acc(acc: float | None, status: str | None = None) -> str:
     """0.58798 -> '58.80%'; a row that could not be evaluated shows why."""

@@ -36,15 +36,7 @@ def result_tables(results: Mapping[str, Any]) -> list[tuple[str, list[str], list
 
 def render_results(results: Mapping[str, Any]) -> list[Table]:
     """One rich Table per result (two for a 2-part Xross: the XML paper's list and an up x down matrix)."""
-    out = []
-    for tab in _tables(results):
-        table = Table(title=tab.title, caption=tab.caption)
-        for i, h in enumerate(tab.headers):
-            table.add_column(h, justify="right" if i in tab.numeric else "left")
-        for row in tab.rows:
-            table.add_row(*row)
-        out.append(table)
-    return out
+    return [tab.to_rich() for tab in _tables(results)]
 
 
 def _md_cell(text: str) -> str:
