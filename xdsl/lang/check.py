@@ -73,8 +73,16 @@ class _Checker(TermChecker):
         if self.errors:
             errors = _unique(self.errors)
             raise errors[0] if len(errors) == 1 else SpecErrors(errors)
+        return self._program(_unique(self.warnings))
+
+    def _program(self, warnings: list | None = None) -> ir.Program:
         return ir.Program(self.spec.file, self.spec, self.data, self.networks, self.parts, self.cuts,
-                          self.adapters, self.stages, self.evaluate, _unique(self.warnings))
+                          self.adapters, self.stages, self.evaluate, warnings or [])
+
+    @property
+    def _spec_dir(self) -> Path | None:
+        """The folder of the spec file, where user modules are imported from (None for a spec from a string)."""
+        return Path(self.spec.file).resolve().parent if Path(self.spec.file).is_file() else None
 
     def _taken(self, name: str) -> str | None:
         if name in self.networks:
@@ -130,9 +138,8 @@ class _Checker(TermChecker):
         if self.data is not None:
             self.error("only one 'data' statement is allowed", s.pos)
             return
-        spec_dir = Path(self.spec.file).resolve().parent if Path(self.spec.file).is_file() else None
         try:  # a "module:fn" is imported for its signature; None: it takes **kwargs
-            allowed = spec_params(s.name, spec_dir, self.allow_imports)
+            allowed = spec_params(s.name, self._spec_dir, self.allow_imports)
         except DataParamError as e:
             raise SpecError(e.message, s.pos, e.hint) from None
         plain, augment = split_augment(s, allowed, self.const, self.errors)  # augment=[...]
@@ -192,11 +199,10 @@ class _Checker(TermChecker):
             self.losses[s.name] = s
 
     def _declare_primitive(self, s: ast.PrimitiveDecl) -> None:
-        spec_dir = Path(self.spec.file).resolve().parent if Path(self.spec.file).is_file() else None
         if clash := earlier_clash(s, self.spec):  # the name is taken above: this statement is the duplicate
             return self.errors.append(clash)
         try:
-            spec = declare_primitive(s, spec_dir, self.allow_imports)
+            spec = declare_primitive(s, self._spec_dir, self.allow_imports)
         except SpecError as e:
             self.errors.append(e)
             spec = declared_only(s)  # its calls are still checked, not each reported as an unknown name
@@ -251,8 +257,7 @@ class _Checker(TermChecker):
         (after the other errors are fixed: a block that did not check would read as a missing one)."""
         if self.errors:
             return
-        program = ir.Program(self.spec.file, self.spec, self.data, self.networks, self.parts, self.cuts,
-                             self.adapters, self.stages, self.evaluate)
+        program = self._program()
         for item in self.evaluate:
             wrong = EVALUATIONS.get(item.kind).check_program(item, program)
             if wrong is None:
