@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import pickle
 import platform
 import statistics
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from xdsl.data.batch_augment import Recipe
+from xdsl.data.batch_augment import Recipe, Workspace
 from xdsl.data.images import CIFAR10_MEAN, CIFAR10_STD, UInt8Images
 from xdsl.data.pipeline import BatchedLoader, epoch_order
 
@@ -99,38 +100,91 @@ def _interleaved(variants: dict[str, Callable[[], Any]], rounds: int) -> dict[st
     return samples
 
 
-def images_per_second(size: int, crop: str, batch: int, threads: int, *, images: int, rounds: int,
-                      device: torch.device, workers: int = 0) -> Row:
-    """One configuration: a pass over `images` images through each path, `rounds` times interleaved."""
-    torch.set_num_threads(threads)
+def _recipe(size: int, crop: str) -> Recipe:
     if crop == "resized":
-        recipe = Recipe(CIFAR10_MEAN, CIFAR10_STD, crop="resized", flip=True, size=(size, size))
+        return Recipe(CIFAR10_MEAN, CIFAR10_STD, crop="resized", flip=True, size=(size, size))
+    mode = "reflect" if size == 32 else "constant"
+    return Recipe(CIFAR10_MEAN, CIFAR10_STD, crop="pad", flip=True, pad=4, pad_mode=mode)
+
+
+_STATE: dict[tuple, Any] = {}  # in a path's process: each configuration's dataset (and workspace), made once
+
+
+def _one_pass(path: str, size: int, crop: str, batch: int, threads: int, images: int, device: str, workers: int,
+              epoch: int) -> tuple[float, float]:
+    """One pass over the images through `path` (in that path's own process): (images per wall second,
+    images per CPU second of the process). The first pass of a configuration warms it up, untimed."""
+    torch.set_num_threads(threads)
+    dev = torch.device(device)
+    key = (size, crop, images, device)
+    if key not in _STATE:
+        recipe = _recipe(size, crop)
+        ds = _dataset(images, size, recipe)
+        # the workspace is kept from pass to pass, as a run keeps it from epoch to epoch
+        _STATE[key] = (ds, recipe, (ds.images.to(dev), ds.labels.to(dev)), Workspace())
+        _one_pass(path, size, crop, batch, threads, images, device, workers, -1)
+    ds, recipe, on_device, work = _STATE[key]
+    if path == "per_sample":
+        ds.set_epoch(epoch)
+        loader: Iterable = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
+                                      generator=torch.Generator().manual_seed(epoch), pin_memory=dev.type == "cuda")
     else:
-        recipe = Recipe(CIFAR10_MEAN, CIFAR10_STD, crop="pad", flip=True, pad=4,
-                        pad_mode="reflect" if size == 32 else "constant")
-    ds = _dataset(images, size, recipe)
-    on_device = ds.images.to(device), ds.labels.to(device)
+        loader = BatchedLoader(ds, *on_device, recipe, order=epoch_order(len(ds), epoch), batch_size=batch,
+                               epoch_seed=epoch, work=work)
+    t0, c0 = time.perf_counter(), time.process_time()
+    n = _drain(loader, dev)
+    return n / (time.perf_counter() - t0), n / max(time.process_time() - c0, 1e-9)
+
+
+def _serve(conn: Any) -> None:
+    multiprocessing.set_start_method(None, force=True)  # loader workers start as they would for a user (a
+    # spawned process would otherwise spawn them too, paying a fresh interpreter per worker per pass)
+    while (job := conn.recv()) is not None:
+        function, args = job
+        conn.send(function(*args))
+
+
+class _PathProcess:
+    """One pipeline's own process, so that neither path runs in a heap shaped by the other (the host
+    allocator's state after one path's frees changes what the next path's allocations cost)."""
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve, args=(child,), daemon=False)  # it may start loader workers
+        self.process.start()
+
+    def run(self, function: Callable[..., Any], *args: Any) -> Any:
+        """`function(*args)` in this process (a module-level function, sent by name)."""
+        self.conn.send((function, args))
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join()
+
+
+def images_per_second(size: int, crop: str, batch: int, threads: int, *, images: int, rounds: int,
+                      device: torch.device, workers: int = 0, processes: dict[str, _PathProcess] | None = None) -> Row:
+    """One configuration: a pass over `images` images through each path, `rounds` times interleaved,
+    each path in its own process (`processes`, started here if not given)."""
+    own = processes is None
+    processes = processes or {"per_sample": _PathProcess(), "batched": _PathProcess()}
     epoch = [0]
 
-    def timed(loader: Iterable) -> tuple[float, float]:
-        """(images per wall second, images per CPU second of this process)."""
-        t0, c0 = time.perf_counter(), time.process_time()
-        n = _drain(loader, device)
-        return n / (time.perf_counter() - t0), n / max(time.process_time() - c0, 1e-9)
+    def variant(path: str) -> Callable[[], tuple[float, float]]:
+        def go() -> tuple[float, float]:
+            epoch[0] += 1
+            return processes[path].run(_one_pass, path, size, crop, batch, threads, images, str(device),
+                                       workers if path == "per_sample" else 0, epoch[0])
+        return go
 
-    def per_sample() -> tuple[float, float]:
-        epoch[0] += 1
-        ds.set_epoch(epoch[0])
-        return timed(DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers,
-                                generator=torch.Generator().manual_seed(epoch[0]), pin_memory=device.type == "cuda"))
-
-    def batched() -> tuple[float, float]:
-        epoch[0] += 1
-        return timed(BatchedLoader(ds, *on_device, recipe, order=epoch_order(len(ds), epoch[0]), batch_size=batch,
-                                   epoch_seed=epoch[0]))
-
-    batched()  # warm-up (first-call allocations)
-    samples = _interleaved({"per_sample": per_sample, "batched": batched}, rounds)
+    try:
+        samples = _interleaved({path: variant(path) for path in ("per_sample", "batched")}, rounds)
+    finally:
+        if own:
+            for process in processes.values():
+                process.close()
     pairs = list(zip(samples["batched"], samples["per_sample"], strict=True))
     median = statistics.median
     cpu = None if workers or device.type == "cuda" else median([b[1] / p[1] for b, p in pairs])
@@ -155,10 +209,19 @@ def _fabricate_cifar(root: Path, images: int) -> None:
         (root / name).write_bytes(pickle.dumps(batch, protocol=2))
 
 
-def epoch_times(*, images: int, rounds: int, batch: int, device: str, workers: int = 0) -> EpochRow:
-    """Train the tiny MLP one epoch per path through `xdsl run`; the metrics' epoch seconds."""
+def _train_epoch(spec: Path, out: Path, device: str) -> float:
+    """One `xdsl run` of `spec` (in its path's own process): the first epoch's training seconds."""
     from xdsl.train.runner import RunOptions, run
 
+    run(spec, RunOptions(out=out, quiet=True, device=device, threads=1))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return float(rows[0]["seconds"])
+
+
+def epoch_times(*, images: int, rounds: int, batch: int, device: str, workers: int = 0) -> EpochRow:
+    """Train the tiny MLP one epoch per path through `xdsl run`, each path in its own process; the
+    metrics' epoch seconds."""
+    processes = {"per_sample": _PathProcess(), "batched": _PathProcess()}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         _fabricate_cifar(work / "cifar", images)
@@ -172,13 +235,14 @@ def epoch_times(*, images: int, rounds: int, batch: int, device: str, workers: i
         def epoch(pipeline: str) -> Callable[[], float]:
             def go() -> float:
                 runs[0] += 1
-                out = work / f"run{runs[0]}"
-                run(specs[pipeline], RunOptions(out=out, quiet=True, device=device, threads=1))
-                rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-                return float(rows[0]["seconds"])
+                return processes[pipeline].run(_train_epoch, specs[pipeline], work / f"run{runs[0]}", device)
             return go
 
-        samples = _interleaved({p: epoch(p) for p in specs}, rounds)
+        try:
+            samples = _interleaved({p: epoch(p) for p in specs}, rounds)
+        finally:
+            for process in processes.values():
+                process.close()
     ratios = [p / b for p, b in zip(samples["per_sample"], samples["batched"], strict=True)]
     return EpochRow(workers, statistics.median(samples["per_sample"]), statistics.median(samples["batched"]),
                     statistics.median(ratios), 5 * max(1, images // 5), rounds)
@@ -223,10 +287,15 @@ def main(argv: list[str] | None = None) -> dict:
     # how the per-sample path uses two cores by default (two loader processes), and a resized-crop recipe
     configs += [(32, "pad", 128, 2, 2), (64, "resized", 128, 1, 0)]
     rows: list[Row] = []
-    for size, crop, batch, threads, workers in configs:
-        rows.append(images_per_second(size, crop, batch, threads, workers=workers, images=args.images,
-                                      rounds=args.rounds, device=device))
-        print(f"  measured {asdict(rows[-1])}", file=sys.stderr, flush=True)
+    processes = {"per_sample": _PathProcess(), "batched": _PathProcess()}
+    try:
+        for size, crop, batch, threads, workers in configs:
+            rows.append(images_per_second(size, crop, batch, threads, workers=workers, images=args.images,
+                                          rounds=args.rounds, device=device, processes=processes))
+            print(f"  measured {asdict(rows[-1])}", file=sys.stderr, flush=True)
+    finally:
+        for process in processes.values():
+            process.close()
     epochs = []
     if args.epoch_images:
         for workers in (0, 2):

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
 
 from xdsl.data import DataParamError, build_data
-from xdsl.data.batch_augment import Recipe, augment_batch, augment_one, draw, draw_one
+from xdsl.data.batch_augment import Recipe, Workspace, augment_batch, augment_one, draw, draw_one
 from xdsl.data.images import UInt8Images
 from xdsl.data.pipeline import BatchedLoader, choose, epoch_order, parse_budget
 
@@ -96,6 +96,74 @@ def test_random_resized_crop_after_a_resize_matches_the_reference():
     assert int((draws.top + draws.height).max()) <= 32  # boxes are drawn in the resized image
     torch.testing.assert_close(augment_batch(images, draws, recipe), _reference(images, np.arange(16), recipe, 0, 3),
                                rtol=0, atol=5e-5)
+
+
+@pytest.mark.parametrize("recipe", [
+    Recipe(MEAN, STD, crop="pad", flip=True, pad=4, pad_mode="constant"),
+    Recipe(MEAN, STD, crop="pad", flip=True, pad=3, pad_mode="reflect"),
+    Recipe(MEAN, STD, crop="pad", flip=True, pad=2, pad_mode="edge", size=(30, 28)),
+    Recipe(MEAN, STD, crop="pad", flip=False, pad=4, pad_mode="constant"),
+    Recipe(MEAN, STD, flip=True), Recipe(MEAN, STD),
+    Recipe(MEAN, STD, crop="center", flip=True, size=(24, 24)),
+    Recipe(MEAN, STD, crop="resized", flip=True, size=(16, 16)),
+], ids=lambda r: f"{r.crop}-{r.pad_mode}-flip{r.flip}")
+def test_gathering_inside_with_a_reused_workspace_gives_the_per_sample_batches(recipe):
+    """The loader's form (the whole dataset + `index`, one workspace for many batches, the last one
+    shorter) equals augmenting each pre-gathered batch alone, and the per-sample reference."""
+    images = _images(200)
+    order = np.random.default_rng(4).permutation(200)
+    work = Workspace()
+    for start in range(0, 200, 64):  # 64, 64, 64, then 8
+        indices = order[start:start + 64]
+        draws = draw(recipe, 2, start, indices, (32, 32))
+        ours = augment_batch(images, draws, recipe, work, torch.as_tensor(indices))
+        alone = augment_batch(images[torch.as_tensor(indices)], draws, recipe)
+        assert torch.equal(ours, alone)
+        if recipe.crop != "resized":  # the resized crop agrees to float rounding (tested above)
+            assert torch.equal(ours, _reference(images, indices, recipe, 2, start))
+
+
+def _loader_batches(ds: UInt8Images, work: Workspace, epoch: int = 1):
+    return BatchedLoader(ds, ds.images, ds.labels, ds.recipe(), order=epoch_order(len(ds), epoch), batch_size=16,
+                         epoch_seed=epoch, work=work)
+
+
+def test_a_batch_is_never_written_over_while_anything_still_refers_to_it():
+    """Batches' storage is reused only once nothing refers to it: not the batch, a view of it, a numpy
+    array of it, nor an autograd graph that saved it."""
+    ds = _dataset(160)
+    work = Workspace()
+    reference = [x.clone() for x, _ in _loader_batches(ds, Workspace())]
+    kept_view, kept_numpy, layer = None, None, torch.nn.Linear(3 * 32 * 32, 2)
+    loss = None
+    for k, (x, _) in enumerate(_loader_batches(ds, work)):
+        assert torch.equal(x, reference[k])
+        if k == 0:
+            kept_view = x[3:5, 1]            # a view: the batch tensor itself is dropped
+        if k == 1:
+            kept_numpy = x.numpy()[7]
+        if k == 2:
+            loss = layer(x.flatten(1)).sum()  # the graph saves x for the weight's gradient
+    assert torch.equal(kept_view, reference[0][3:5, 1])
+    assert np.array_equal(kept_numpy, reference[2 - 1].numpy()[7])
+    loss.backward()
+    assert torch.allclose(layer.weight.grad, reference[2].flatten(1).sum(0).expand(2, -1))
+
+
+def test_batches_nobody_holds_are_recycled_and_a_larger_batch_size_takes_their_place():
+    ds = _dataset(160)
+    work = Workspace()
+    pointers = [x.data_ptr() for x, _ in _loader_batches(ds, work)]  # each batch dropped once used
+    assert len(set(pointers)) <= Workspace.RECYCLED < len(pointers)
+    big = BatchedLoader(ds, ds.images, ds.labels, ds.recipe(), order=epoch_order(160, 2), batch_size=64,
+                        epoch_seed=2, work=work)
+    reference = list(BatchedLoader(ds, ds.images, ds.labels, ds.recipe(), order=epoch_order(160, 2), batch_size=64,
+                                   epoch_seed=2))
+    pointers = []
+    for (x, _), (rx, _) in zip(big, reference, strict=True):
+        assert torch.equal(x, rx)
+        pointers.append(x.data_ptr())
+    assert pointers[0] != pointers[1] and len(set(pointers)) <= Workspace.RECYCLED
 
 
 # --------------------------------------------------------------------- the distribution of the draws

@@ -29,7 +29,8 @@ import torch.nn.functional as nnf
 from torch import Tensor
 from torchvision.transforms.v2 import functional as F
 
-__all__ = ["CROPS", "Draws", "Recipe", "augment_batch", "augment_one", "draw", "draw_one", "mix64", "uniforms"]
+__all__ = ["CROPS", "Draws", "Recipe", "Workspace", "augment_batch", "augment_one", "draw", "draw_one", "mix64",
+           "uniforms"]
 
 CROPS = ("none", "pad", "resized", "center")
 PAD_MODES = ("constant", "reflect", "edge")
@@ -273,8 +274,66 @@ def augment_one(img: Tensor, box: tuple[int, int, int, int, bool], recipe: Recip
 # ---------------------------------------------------------------------------------------- batched
 
 
-def augment_batch(images: Tensor, draws: Draws, recipe: Recipe) -> Tensor:
-    """A uint8 (B, C, H, W) batch, already gathered, augmented in a few tensor ops on its own device."""
+class Workspace:
+    """Memory that one stream of batches reuses: scratch buffers, and the storage of batches let go of.
+
+    On CPU, fresh multi-megabyte tensors every batch cost more than the arithmetic that fills them: the
+    host allocator hands freed pages back to the system and faults them in again, page by page. So the
+    gathered, padded and cropped uint8 images live in scratch buffers (`take`), and a batch's float
+    output (`fresh`) reuses the storage of an earlier batch once nothing else holds it: no tensor, view,
+    autograd graph or numpy array of the caller's shares it (torch's storage use count is 1, ours). A
+    caller may keep every batch it was given; only batches nobody can see again are written over.
+    """
+
+    RECYCLED = 3  # output storages kept: the batch being consumed, the one being made, and a spare
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple, Tensor] = {}
+        self._outputs: list[torch.UntypedStorage] = []
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A contiguous scratch tensor of `shape`, zero when first made, then the same storage as every
+        `take(name, ...)` of the same trailing shape that is no longer: what a caller writes into it
+        stays until it writes again. Never hand it out."""
+        key = (name, tuple(shape[1:]), dtype, device)
+        buffer = self._buffers.get(key)
+        if buffer is None or len(buffer) < shape[0]:
+            buffer = self._buffers[key] = torch.zeros(shape, dtype=dtype, device=device)
+        return buffer[:shape[0]]
+
+    def fresh(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised tensor of `shape` that nothing else refers to: a new tensor on a storage
+        no one else holds any more, else a new allocation. CUDA's caching allocator already reuses
+        memory, so there it is always `torch.empty`."""
+        if device.type != "cpu" or not hasattr(torch._C, "_storage_Use_Count"):
+            return torch.empty(shape, dtype=dtype, device=device)
+        nbytes = math.prod(shape) * dtype.itemsize
+        free = [k for k, storage in enumerate(self._outputs) if torch._C._storage_Use_Count(storage._cdata) == 1]
+        for k in free:
+            if self._outputs[k].nbytes() >= nbytes:
+                return torch.empty(0, dtype=dtype, device=device).set_(self._outputs[k], 0, shape)
+        out = torch.empty(shape, dtype=dtype, device=device)
+        if len(self._outputs) < self.RECYCLED:
+            self._outputs.append(out.untyped_storage())
+        elif free:  # a free storage too small for this batch size gives way to this one
+            self._outputs[free[0]] = out.untyped_storage()
+        return out
+
+
+def augment_batch(images: Tensor, draws: Draws, recipe: Recipe, work: Workspace | None = None,
+                  index: Tensor | None = None) -> Tensor:
+    """A uint8 (B, C, H, W) batch augmented in a few tensor ops on its own device; always a new tensor.
+
+    `index`: the batch is `images[index]` (a whole dataset's images), gathered here, straight into the
+    padded buffer where the recipe pads with zeros. `work`: buffers to reuse across calls (a loader
+    passes one per epoch).
+    """
+    work = work or Workspace()
+    if index is not None and (recipe.resize is not None or recipe.crop in ("center", "resized") or
+                              not (recipe.crop == "pad" or draws.flip.any())):
+        images = torch.index_select(images, 0, index, out=work.take("batch", (len(index), *images.shape[1:]),
+                                                                    images.dtype, images.device))
+        index = None
     if recipe.resize is not None:
         images = F.resize(images, [recipe.resize], antialias=True)  # one call, the per-sample path's filter
     if recipe.crop == "center":
@@ -283,8 +342,9 @@ def augment_batch(images: Tensor, draws: Draws, recipe: Recipe) -> Tensor:
     if recipe.crop == "resized":
         return _resized_batch(images, draws, recipe)
     if recipe.crop == "pad" or draws.flip.any():
-        images = _crop_flip_batch(images, draws if recipe.crop == "pad" else _whole(images, draws), recipe)
-    return _normalise(images, recipe)
+        images = _crop_flip_batch(images, draws if recipe.crop == "pad" else _whole(images, draws), recipe, work,
+                                  index)
+    return _normalise(images, recipe, work)
 
 
 def _whole(images: Tensor, draws: Draws) -> Draws:
@@ -294,50 +354,88 @@ def _whole(images: Tensor, draws: Draws) -> Draws:
     return Draws(zeros, zeros.copy(), np.full(n, h), np.full(n, w), draws.flip)
 
 
-def _normalise(images: Tensor, recipe: Recipe) -> Tensor:
-    """uint8 -> (x / 255 - mean) / std as one multiply-add per element, in place (as `_to_float` does
-    per image, so the two pipelines agree bit for bit); float input (already in [0, 1], the resized
-    crop) -> (x - mean) / std as torchvision's normalize."""
+def _normalise(images: Tensor, recipe: Recipe, work: Workspace | None = None) -> Tensor:
+    """uint8 -> (x / 255 - mean) / std as one multiply-add per element, into a new tensor (as `_to_float`
+    does per image, so the two pipelines agree bit for bit); float input (already in [0, 1], the
+    resized crop) -> (x - mean) / std in place, as torchvision's normalize."""
     if images.dtype == torch.uint8:
         scale, bias = _affine(recipe, images.shape[-3], images.device)
-        return images.to(torch.float32).mul_(scale).add_(bias)
+        out = work.fresh(tuple(images.shape), torch.float32, images.device) if work is not None else None
+        if out is None:
+            return images.to(torch.float32).mul_(scale).add_(bias)
+        return out.copy_(images).mul_(scale).add_(bias)
     mean = torch.as_tensor(recipe.mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
     std = torch.as_tensor(recipe.std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
     return images.sub_(mean).div_(std)
 
 
-def _crop_flip_batch(images: Tensor, draws: Draws, recipe: Recipe) -> Tensor:
-    """Pad the batch once (and append mirrors of the samples that flip), then copy every output row of every
-    sample in one `index_select` over a view of all row-long windows of that buffer.
+def _gather_mirrored(images: Tensor, index: Tensor | None, flip: np.ndarray, out: Tensor,
+                     work: Workspace) -> np.ndarray:
+    """Fill `out` (B, C, H, W; may be a view) with the batch's images, the ones that flip mirrored: first
+    the unflipped ones, then the flipped ones, each in batch order. Returns each sample's slot in `out`.
 
-    A flipped sample is cropped from the mirrored copy at the mirrored offset. Row copies are several
-    times faster on CPU than indexing pixel by pixel (unfold + advanced indexing, or torch.where).
+    Whole-image copies (index_select, flip, copy_) are far cheaper than writing rows back by index.
     """
-    batch, channels = images.shape[:2]
+    kept, flipped = np.flatnonzero(~flip), np.flatnonzero(flip)
+    order = np.concatenate([kept, flipped])
+    slot = np.empty(len(order), dtype=np.int64)
+    slot[order] = np.arange(len(order))
+    source = torch.as_tensor(order, device=images.device)
+    if index is not None:
+        source = index.index_select(0, source)
+    torch.index_select(images, 0, source[:len(kept)], out=out[:len(kept)])
+    if len(flipped):
+        chosen = work.take("chosen", (len(flipped), *images.shape[1:]), images.dtype, images.device)
+        torch.index_select(images, 0, source[len(kept):], out=chosen)
+        out[len(kept):].copy_(chosen.flip(-1))
+    return slot
+
+
+def _padded(images: Tensor, index: Tensor | None, draws: Draws, recipe: Recipe,
+            work: Workspace) -> tuple[Tensor, np.ndarray]:
+    """The batch padded as the recipe says, flipped samples mirrored, and each sample's slot in it.
+
+    Zero padding gathers straight into the middle of a buffer whose border was zeroed once; reflect and
+    edge padding is `nnf.pad`'s. Padding commutes with mirroring, so a mirrored padded image is the
+    padded mirrored image.
+    """
+    pad = recipe.pad if recipe.crop == "pad" else 0
+    batch = len(index) if index is not None else len(images)
+    channels, height, width = images.shape[1:]
+    if pad and recipe.pad_mode == "constant":
+        padded = work.take("padded", (batch, channels, height + 2 * pad, width + 2 * pad), images.dtype,
+                           images.device)
+        slot = _gather_mirrored(images, index, draws.flip, padded[..., pad:pad + height, pad:pad + width], work)
+        return padded, slot
+    slots = work.take("slots", (batch, channels, height, width), images.dtype, images.device)
+    slot = _gather_mirrored(images, index, draws.flip, slots, work)
+    if pad:
+        slots = nnf.pad(slots, (pad,) * 4, mode="replicate" if recipe.pad_mode == "edge" else recipe.pad_mode)
+    return slots, slot
+
+
+def _crop_flip_batch(images: Tensor, draws: Draws, recipe: Recipe, work: Workspace,
+                     index: Tensor | None = None) -> Tensor:
+    """Pad the batch (flipped samples mirrored), then copy every output row of every sample in one
+    `index_select` over a view of all row-long windows of the padded batch.
+
+    A flipped sample is cropped from its mirrored image at the mirrored offset. Row copies are several
+    times faster on CPU than indexing pixel by pixel (unfold + advanced indexing, or torch.where). The
+    crop is scratch (`work`'s "crop"): `_normalise` reads it into the batch it returns.
+    """
+    padded, slot = _padded(images, index, draws, recipe, work)
+    batch, channels, height, width = padded.shape
+    device = padded.device
     out_h, out_w = int(draws.height[0]), int(draws.width[0])
-    if recipe.crop == "pad" and recipe.pad:
-        mode = "replicate" if recipe.pad_mode == "edge" else recipe.pad_mode
-        images = nnf.pad(images, (recipe.pad,) * 4, mode=mode)
-    height, width = images.shape[-2:]
-    device = images.device
-    flip = torch.as_tensor(draws.flip, device=device)
-    top, left = torch.as_tensor(draws.top, device=device), torch.as_tensor(draws.left, device=device)
-    source = images.contiguous()
-    sample = torch.arange(batch, device=device)
-    if draws.flip.any():
-        flipped = np.flatnonzero(draws.flip)
-        mirrored = source.index_select(0, torch.as_tensor(flipped, device=device)).flip(-1)
-        source = torch.cat([source, mirrored])
-        mirror = np.arange(batch)
-        mirror[flipped] = batch + np.arange(len(flipped))  # sample k's mirror sits after the batch
-        sample = torch.as_tensor(mirror, device=device)
-        left = torch.where(flip, width - out_w - left, left)
-    plane = (sample[:, None] * channels + torch.arange(channels, device=device)) * (height * width)
-    rows = (top[:, None] + torch.arange(out_h, device=device)) * width + left[:, None]
-    starts = plane[:, :, None] + rows[:, None, :]  # (B, C, out_h): where each output row begins
-    flat = source.view(-1)
+    left = np.where(draws.flip, width - out_w - draws.left, draws.left)
+    plane = (slot[:, None] * channels + np.arange(channels)) * (height * width)
+    rows = (draws.top[:, None] + np.arange(out_h)) * width + left[:, None]
+    starts = torch.as_tensor((plane[:, :, None] + rows[:, None, :]).reshape(-1), device=device)
+    flat = padded.view(-1)
     windows = flat.as_strided((flat.numel() - out_w + 1, out_w), (1, 1))
-    return windows.index_select(0, starts.view(-1)).view(batch, channels, out_h, out_w)
+    crop = work.take("crop", (batch, channels, out_h, out_w), torch.uint8, device)
+    torch.index_select(windows, 0, starts, out=crop.view(-1, out_w))
+    return crop
 
 
 def _resize_weights(start: Tensor, length: Tensor, out: int, size: int) -> Tensor:

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xdsl.data.augment import BatchMix, MixedLoader
+from xdsl.data.batch_augment import Workspace
 from xdsl.data.pipeline import DEFAULT_BUDGET, BatchedLoader, choose, epoch_order
 from xdsl.errors import XdslError
 
@@ -74,6 +75,7 @@ class DataBundle:
     _val_loader: DataLoader | None = field(default=None, init=False, repr=False, compare=False)
     _on_device: dict[str, tuple[Tensor, Tensor]] | None = field(default=None, init=False, repr=False,
                                                                 compare=False)
+    _workspaces: dict[str, Workspace] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def use_device(self, device: torch.device) -> str:
         """Choose the pipeline for training on `device`; the batched one copies the uint8 images there.
@@ -83,6 +85,7 @@ class DataBundle:
         choice = choose(self.pipeline, self.memory_budget, (self.train, self.test), torch.device(device))
         self._on_device = None
         self._test_loader = None
+        self._workspaces = {}
         if choice.batched:
             self._on_device = {
                 split: (ds.images.to(device), ds.labels.to(device))
@@ -98,8 +101,9 @@ class DataBundle:
     def _batched_loader(self, split: str, order: Tensor, epoch_seed: int, with_index: bool = False) -> BatchedLoader:
         dataset = self.train if split == "train" else self.test
         images, labels = self._on_device[split]  # type: ignore[index]
+        work = self._workspaces.setdefault(split, Workspace())  # one per split, kept from epoch to epoch
         return BatchedLoader(dataset, images, labels, dataset.recipe(), order=order, batch_size=self.batch_size,
-                             epoch_seed=epoch_seed, with_index=with_index)
+                             epoch_seed=epoch_seed, with_index=with_index, work=work)
 
     def _loader_kwargs(self) -> dict:
         workers = self.num_workers

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from xdsl.data.batch_augment import Recipe, augment_batch, draw
+from xdsl.data.batch_augment import Recipe, Workspace, augment_batch, draw
 
 __all__ = ["DEFAULT_BUDGET", "PIPELINES", "BatchedLoader", "Choice", "batchable", "choose", "epoch_order",
            "free_memory", "parse_budget"]
@@ -140,16 +140,18 @@ class BatchedLoader:
 
     Iterate it like a DataLoader; `len()` is the number of batches (the last one may be partial).
     `with_index`: (x, y, i) batches, `i` the samples' positions in the dataset (on the images' device).
+    `work`: memory to reuse (see `Workspace`); pass the same one every epoch, from one thread at a time.
     """
 
     def __init__(self, dataset: Any, images: Tensor, labels: Tensor, recipe: Recipe, *, order: Tensor,
-                 batch_size: int, epoch_seed: int, with_index: bool = False):
+                 batch_size: int, epoch_seed: int, with_index: bool = False, work: Workspace | None = None):
         self.dataset = dataset
         self.images, self.labels, self.recipe = images, labels, recipe
         self.order = order
         self.batch_size = int(batch_size)
         self.epoch_seed = int(epoch_seed)
         self.with_index = with_index
+        self.work = work
 
     def __len__(self) -> int:
         return math.ceil(len(self.order) / self.batch_size)
@@ -157,10 +159,11 @@ class BatchedLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
         in_size = tuple(self.images.shape[-2:])
         device = self.images.device
+        work = self.work or Workspace()  # scratch buffers; every batch yielded is a tensor nobody else holds
         for start in range(0, len(self.order), self.batch_size):
             host = self.order[start:start + self.batch_size]
             index = host.to(device, non_blocking=True)
             draws = draw(self.recipe, self.dataset.seed, self.epoch_seed, host.numpy(), in_size)
-            images = self.images.index_select(0, index)  # a row copy; `images[index]` is 20x slower on CPU
-            batch = augment_batch(images, draws, self.recipe), self.labels.index_select(0, index)
+            # gathered by index_select (a row copy; `images[index]` is 20x slower on CPU)
+            batch = augment_batch(self.images, draws, self.recipe, work, index), self.labels.index_select(0, index)
             yield (*batch, index) if self.with_index else batch
