@@ -8,7 +8,8 @@ Part 1 times one pass over synthetic uint8 images (CIFAR-like 32x32 with reflect
 ImageNet-like 64x64 with zero padding; pad 4, random crop, flip, normalise) through each path, for
 batch 128 and 512 and 1 and 2 threads. Part 2 trains a tiny MLP (3072-16-16-10, so that data
 dominates) for one epoch on a fabricated CIFAR-10 directory through `xdsl run`, once per path, and reads the epoch's
-training time from the run's metrics. Both parts interleave the paths: every round times each
+training time from the run's metrics. Each path runs in its own process (two long-lived workers fed by
+this one), so neither runs in a heap the other shaped. Both parts interleave the paths: every round times each
 variant once, the first variant rotating between rounds, so load on a shared machine hits both
 alike; each ratio is taken within a round and the median over rounds is reported. Part 1 also
 reports images per CPU-second of the process (`time.process_time`), which an oversubscribed machine

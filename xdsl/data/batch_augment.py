@@ -11,6 +11,7 @@ batch it lands in, and whether it is augmented alone or with its whole batch:
     draws = draw(recipe, seed, epoch_seed, indices, (H, W))   # host numpy, cheap
     augment_one(images[i], draws.row(k), recipe)                   # per-sample path (torchvision ops)
     augment_batch(images[indices], draws, recipe)                   # batched path: a few tensor ops
+    augment_batch(images, draws, recipe, work, index=indices)       # the same, gathered inside, memory reused
 
 For pad-and-crop recipes the two paths give bit-identical tensors; for random-resized crop the batched
 resize is the same antialiased bilinear filter as torchvision's, written as two batched matrix
@@ -292,9 +293,9 @@ class Workspace:
         self._outputs: list[torch.UntypedStorage] = []
 
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A contiguous scratch tensor of `shape`, zero when first made, then the same storage as every
-        `take(name, ...)` of the same trailing shape that is no longer: what a caller writes into it
-        stays until it writes again. Never hand it out."""
+        """A contiguous scratch tensor of `shape`: zeros when first made, then the same memory on every
+        call with the same name and trailing shape (a shorter batch gets its first rows). What is written
+        stays until written again, so a border zeroed once stays zero. Never hand it out."""
         key = (name, tuple(shape[1:]), dtype, device)
         buffer = self._buffers.get(key)
         if buffer is None or len(buffer) < shape[0]:
@@ -355,9 +356,9 @@ def _whole(images: Tensor, draws: Draws) -> Draws:
 
 
 def _normalise(images: Tensor, recipe: Recipe, work: Workspace | None = None) -> Tensor:
-    """uint8 -> (x / 255 - mean) / std as one multiply-add per element, into a new tensor (as `_to_float`
-    does per image, so the two pipelines agree bit for bit); float input (already in [0, 1], the
-    resized crop) -> (x - mean) / std in place, as torchvision's normalize."""
+    """uint8 -> (x / 255 - mean) / std as one multiply-add per element, into a tensor nobody else holds
+    (`work.fresh`), as `_to_float` does per image, so the two pipelines agree bit for bit; float input
+    (already in [0, 1], the resized crop) -> (x - mean) / std in place, as torchvision's normalize."""
     if images.dtype == torch.uint8:
         scale, bias = _affine(recipe, images.shape[-3], images.device)
         out = work.fresh(tuple(images.shape), torch.float32, images.device) if work is not None else None
@@ -383,7 +384,10 @@ def _gather_mirrored(images: Tensor, index: Tensor | None, flip: np.ndarray, out
     source = torch.as_tensor(order, device=images.device)
     if index is not None:
         source = index.index_select(0, source)
-    torch.index_select(images, 0, source[:len(kept)], out=out[:len(kept)])
+    if out.device.type == "cpu" or out.is_contiguous():
+        torch.index_select(images, 0, source[:len(kept)], out=out[:len(kept)])
+    else:  # a strided `out=` is exercised on CPU only; elsewhere the extra copy costs little bandwidth
+        out[:len(kept)].copy_(images.index_select(0, source[:len(kept)]))
     if len(flipped):
         chosen = work.take("chosen", (len(flipped), *images.shape[1:]), images.dtype, images.device)
         torch.index_select(images, 0, source[len(kept):], out=chosen)
