@@ -20,6 +20,7 @@ produce identical batches (tests/test_pipeline.py), so they do the same work.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import pickle
@@ -28,7 +29,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -165,27 +166,32 @@ class _PathProcess:
         self.process.join()
 
 
+@contextlib.contextmanager
+def _path_processes() -> Iterator[dict[str, _PathProcess]]:
+    """A process per path, closed on the way out."""
+    processes = {"per_sample": _PathProcess(), "batched": _PathProcess()}
+    try:
+        yield processes
+    finally:
+        for process in processes.values():
+            process.close()
+
+
 def images_per_second(size: int, crop: str, batch: int, threads: int, *, images: int, rounds: int,
                       device: torch.device, workers: int = 0, processes: dict[str, _PathProcess] | None = None) -> Row:
     """One configuration: a pass over `images` images through each path, `rounds` times interleaved,
     each path in its own process (`processes`, started here if not given)."""
-    own = processes is None
-    processes = processes or {"per_sample": _PathProcess(), "batched": _PathProcess()}
     epoch = [0]
+    with contextlib.nullcontext(processes) if processes else _path_processes() as paths:
 
-    def variant(path: str) -> Callable[[], tuple[float, float]]:
-        def go() -> tuple[float, float]:
-            epoch[0] += 1
-            return processes[path].run(_one_pass, path, size, crop, batch, threads, images, str(device),
+        def variant(path: str) -> Callable[[], tuple[float, float]]:
+            def go() -> tuple[float, float]:
+                epoch[0] += 1
+                return paths[path].run(_one_pass, path, size, crop, batch, threads, images, str(device),
                                        workers if path == "per_sample" else 0, epoch[0])
-        return go
+            return go
 
-    try:
         samples = _interleaved({path: variant(path) for path in ("per_sample", "batched")}, rounds)
-    finally:
-        if own:
-            for process in processes.values():
-                process.close()
     pairs = list(zip(samples["batched"], samples["per_sample"], strict=True))
     median = statistics.median
     cpu = None if workers or device.type == "cuda" else median([b[1] / p[1] for b, p in pairs])
@@ -222,8 +228,7 @@ def _train_epoch(spec: Path, out: Path, device: str) -> float:
 def epoch_times(*, images: int, rounds: int, batch: int, device: str, workers: int = 0) -> EpochRow:
     """Train the tiny MLP one epoch per path through `xdsl run`, each path in its own process; the
     metrics' epoch seconds."""
-    processes = {"per_sample": _PathProcess(), "batched": _PathProcess()}
-    with tempfile.TemporaryDirectory() as tmp:
+    with _path_processes() as processes, tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         _fabricate_cifar(work / "cifar", images)
         specs = {}
@@ -239,11 +244,7 @@ def epoch_times(*, images: int, rounds: int, batch: int, device: str, workers: i
                 return processes[pipeline].run(_train_epoch, specs[pipeline], work / f"run{runs[0]}", device)
             return go
 
-        try:
-            samples = _interleaved({p: epoch(p) for p in specs}, rounds)
-        finally:
-            for process in processes.values():
-                process.close()
+        samples = _interleaved({p: epoch(p) for p in specs}, rounds)
     ratios = [p / b for p, b in zip(samples["per_sample"], samples["batched"], strict=True)]
     return EpochRow(workers, statistics.median(samples["per_sample"]), statistics.median(samples["batched"]),
                     statistics.median(ratios), 5 * max(1, images // 5), rounds)
@@ -288,15 +289,11 @@ def main(argv: list[str] | None = None) -> dict:
     # how the per-sample path uses two cores by default (two loader processes), and a resized-crop recipe
     configs += [(32, "pad", 128, 2, 2), (64, "resized", 128, 1, 0)]
     rows: list[Row] = []
-    processes = {"per_sample": _PathProcess(), "batched": _PathProcess()}
-    try:
+    with _path_processes() as processes:
         for size, crop, batch, threads, workers in configs:
             rows.append(images_per_second(size, crop, batch, threads, workers=workers, images=args.images,
                                           rounds=args.rounds, device=device, processes=processes))
             print(f"  measured {asdict(rows[-1])}", file=sys.stderr, flush=True)
-    finally:
-        for process in processes.values():
-            process.close()
     epochs = []
     if args.epoch_images:
         for workers in (0, 2):

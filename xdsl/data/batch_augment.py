@@ -330,8 +330,9 @@ def augment_batch(images: Tensor, draws: Draws, recipe: Recipe, work: Workspace 
     passes one per epoch).
     """
     work = work or Workspace()
-    if index is not None and (recipe.resize is not None or recipe.crop in ("center", "resized") or
-                              not (recipe.crop == "pad" or draws.flip.any())):
+    # the crop-and-flip pass gathers by `index` itself when it is the first step; otherwise gather first
+    crop_flip_first = recipe.resize is None and (recipe.crop == "pad" or (recipe.crop == "none" and draws.flip.any()))
+    if index is not None and not crop_flip_first:
         images = torch.index_select(images, 0, index, out=work.take("batch", (len(index), *images.shape[1:]),
                                                                     images.dtype, images.device))
         index = None
@@ -361,9 +362,7 @@ def _normalise(images: Tensor, recipe: Recipe, work: Workspace | None = None) ->
     (already in [0, 1], the resized crop) -> (x - mean) / std in place, as torchvision's normalize."""
     if images.dtype == torch.uint8:
         scale, bias = _affine(recipe, images.shape[-3], images.device)
-        out = work.fresh(tuple(images.shape), torch.float32, images.device) if work is not None else None
-        if out is None:
-            return images.to(torch.float32).mul_(scale).add_(bias)
+        out = (work or Workspace()).fresh(tuple(images.shape), torch.float32, images.device)
         return out.copy_(images).mul_(scale).add_(bias)
     mean = torch.as_tensor(recipe.mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
     std = torch.as_tensor(recipe.std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
