@@ -13,7 +13,7 @@ from scipy import stats
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.transforms import v2
 
-from xdsl.data import DataParamError, build_data
+from xdsl.data import DataParamError, batch_augment, build_data
 from xdsl.data.batch_augment import Recipe, Workspace, augment_batch, augment_one, draw, draw_one
 from xdsl.data.images import UInt8Images
 from xdsl.data.pipeline import BatchedLoader, choose, epoch_order, parse_budget
@@ -98,7 +98,7 @@ def test_random_resized_crop_after_a_resize_matches_the_reference():
                                rtol=0, atol=5e-5)
 
 
-@pytest.mark.parametrize("recipe", [
+_LOADER_RECIPES = [
     Recipe(MEAN, STD, crop="pad", flip=True, pad=4, pad_mode="constant"),
     Recipe(MEAN, STD, crop="pad", flip=True, pad=3, pad_mode="reflect"),
     Recipe(MEAN, STD, crop="pad", flip=True, pad=2, pad_mode="edge", size=(30, 28)),
@@ -106,10 +106,18 @@ def test_random_resized_crop_after_a_resize_matches_the_reference():
     Recipe(MEAN, STD, flip=True), Recipe(MEAN, STD),
     Recipe(MEAN, STD, crop="center", flip=True, size=(24, 24)),
     Recipe(MEAN, STD, crop="resized", flip=True, size=(16, 16)),
-], ids=lambda r: f"{r.crop}-{r.pad_mode}-flip{r.flip}")
-def test_gathering_inside_with_a_reused_workspace_gives_the_per_sample_batches(recipe):
+]
+
+
+@pytest.mark.parametrize("chunk", [None, 5, 1])
+@pytest.mark.parametrize("recipe", _LOADER_RECIPES, ids=lambda r: f"{r.crop}-{r.pad_mode}-flip{r.flip}")
+def test_gathering_inside_with_a_reused_workspace_gives_the_per_sample_batches(recipe, chunk, monkeypatch):
     """The loader's form (the whole dataset + `index`, one workspace for many batches, the last one
-    shorter) equals augmenting each pre-gathered batch alone, and the per-sample reference."""
+    shorter) equals augmenting each pre-gathered batch alone, and the per-sample reference; also when
+    the float stage goes in chunks of 5 samples (the last chunk shorter) or 1 (`chunk`; None: the
+    default size, a whole 64-batch of 32x32 images in one chunk)."""
+    if chunk is not None:
+        monkeypatch.setattr(batch_augment, "CHUNK_BYTES", chunk * 4 * 3 * 32 * 32)
     images = _images(200)
     order = np.random.default_rng(4).permutation(200)
     work = Workspace()
