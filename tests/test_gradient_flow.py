@@ -131,3 +131,26 @@ def test_a_dead_term_with_a_scheduled_keyword_is_named_with_its_schedule() -> No
     (w,) = _warnings(H + "train { minimize ce(a, y) + kl(a, b, T=1 + epoch / epochs) wrt a }")
     assert "dead loss term: kl(a, b, T=(1.0 + (epoch / epochs))) sends no gradient into 'a'" in w
     assert "did you mean kl(b, a, T=(1.0 + (epoch / epochs)))?" in w
+
+
+@pytest.mark.parametrize("objective", ["ce(a, y) + 0 * kl(b, a)", "ce(a, y) + kl(b, a) * 0.0",
+                                       "ce(a, y) - 0 * (2 * kl(b, a))", "ce(a, y) + (0 * kl(b, a) + 0 * kl(b, a)) / 4"])
+def test_a_term_multiplied_by_the_constant_zero_is_a_dead_term(objective: str) -> None:
+    found = _warnings(H + f"train {{ minimize {objective} wrt a }}")
+    column = len("train { minimize ") + objective.index("kl") + 1
+    assert found and found[0].splitlines()[0] == (
+        f"t.xspec:4:{column}: warning: dead loss term: kl(b, a) is multiplied by 0 in a's objective, so it adds "
+        "nothing to its gradient")
+    assert "hint: remove the term, or give it a weight other than 0" in found[0]
+
+
+@pytest.mark.parametrize("objective", ["ce(a, y) * 0", "0 * ce(a, y) + 0.0 * kl(b, a)"])
+def test_an_objective_whose_every_term_is_multiplied_by_zero_is_an_error(objective: str) -> None:
+    with pytest.raises(SpecError, match="sends no gradient into 'a'.*multiplied by 0"):
+        check(parse(H + f"train {{ minimize {objective} wrt a }}", "t.xspec"))
+
+
+@pytest.mark.parametrize("objective", ["ce(a, y) + min(epoch / 20, 1) * kl(b, a)", "ce(a, y) + 0.5 * kl(b, a)",
+                                       "ce(a, y) + kl(b, a) / 0.5"])
+def test_nonzero_or_scheduled_weights_are_live(objective: str) -> None:
+    assert _warnings(H + f"train {{ minimize {objective} wrt a }}") == []

@@ -127,15 +127,43 @@ def _kind(spec: LossSpec, name: str) -> str:
     return next(p.kind for p in spec.params if p.name == name)
 
 
+def _weights(term: ir.Term, factor: float | None = 1.0) -> list[tuple[ir.Prim, float | None]]:
+    """Each primitive term with the constant it is multiplied by in `term` (None: not a constant, e.g. a
+    schedule such as `min(epoch / 20, 1)`, or a term that divides)."""
+    if isinstance(term, ir.Prim):
+        return [(term, factor)]
+    if not isinstance(term, ir.Arith):
+        return []
+    left, right, op = term.left, term.right, term.op
+    if op in ("+", "-"):
+        negated = None if factor is None else -factor
+        return _weights(left, factor) + _weights(right, negated if op == "-" else factor)
+    if op == "*":
+        if isinstance(left, ir.Const):
+            return _weights(right, None if factor is None else factor * left.value)
+        if isinstance(right, ir.Const):
+            return _weights(left, None if factor is None else factor * right.value)
+    if op == "/" and isinstance(right, ir.Const) and right.value != 0:
+        return _weights(left, None if factor is None else factor / right.value)
+    return _weights(left, None) + _weights(right, None)
+
+
 def dead_terms(term: ir.Term, net: str, adapters: dict[str, ir.AdapterDecl],
                parts: dict[str, tuple[str, ...]]) -> tuple[list[DeadTerm], bool]:
     """The terms of `net`'s objective that cannot train it, and whether any term can.
 
+    A term is dead when its predictions pass through nothing `net` owns, or when it is multiplied by
+    the constant 0 (`0 * kl(t, s)`, `ce(s, y) * 0`): either way it adds nothing to the gradient.
     `parts` (network -> its part names) only makes the messages read as the spec is written.
     """
     dead, live = [], False
-    for prim in ir.term_leaves(term):
+    for prim, weight in _weights(term):
         diagnosis = _diagnose(prim, net, adapters, parts)
+        if diagnosis is None and weight == 0:
+            spec = primitive_spec(prim)
+            text = call_text(spec, _named(spec, prim), parts) if spec is not None else str(prim)
+            diagnosis = DeadTerm(prim, f"{text} is multiplied by 0 in {net}'s objective, so it adds nothing to "
+                                       f"its gradient", "remove the term, or give it a weight other than 0")
         if diagnosis is None:
             live = True
         else:
