@@ -138,3 +138,18 @@ def test_a_run_with_schedules_trains_and_logs_the_scheduled_terms(tmp_path: Path
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     terms = [r["terms"] for r in rows if r["network"] == "s"]
     assert len(terms) == 2 and all(any(k.startswith("kl(") and "epoch" in k for k in t) for t in terms)
+
+
+def test_epochs_in_a_schedule_is_the_block_total_under_a_steps_budget(tmp_path: Path) -> None:
+    """`epochs` in a loss is the block's total: under `steps N`, the epochs the budget needs (it read 1)."""
+    spec = tmp_path / "s.xspec"
+    base = SPEC.format(objective="(1 + epoch / epochs) * ce(s, y)")
+    spec.write_text(base.replace("epochs 3", "epochs 1"))
+    run(spec, RunOptions(out=tmp_path / "one", quiet=True))
+    per_epoch = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[0])["step"]
+    spec.write_text(base.replace("epochs 3", f"steps {2 * per_epoch + 1}"))  # 3 epochs, the last one 1 step
+    run(spec, RunOptions(out=tmp_path / "steps", quiet=True))
+    rows = [json.loads(line) for line in (tmp_path / "steps" / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["network"] == "s"]
+    ratios = [r["train_loss"] / next(iter(r["terms"].values())) for r in rows]
+    assert ratios == pytest.approx([1, 1 + 1 / 3, 1 + 2 / 3], rel=1e-5)

@@ -90,6 +90,7 @@ class Experiment:
         self.stage: ir.Stage | None = None
         self.step_count = 0
         self.epoch = 0  # 0-based within the train block; the runner sets it (schedules read it, with step_count)
+        self.block_epochs: int | None = None  # the block's epochs, once the runner knows a `steps` budget's
         self.last_terms: dict[str, dict[str, torch.Tensor]] = {}
         # per network, per term: the value of every forward since `reset_term_sums`, kept as detached
         # 0-d tensors and added up once an epoch, so a step runs no extra op (and no host sync)
@@ -173,6 +174,7 @@ class Experiment:
             self._joint = None
         self.step_count = 0
         self.epoch = 0
+        self.block_epochs = None
 
     def _distribute(self, lowered: Lowered, net: str) -> Lowered:
         """Under torchrun: DDP over the objective, synchronising only `net`'s own parameters."""
@@ -278,10 +280,12 @@ class Experiment:
 
     def clock(self, lowered: Lowered) -> torch.Tensor | None:
         """[epoch, epochs, step] as a float tensor on the device, for objectives with schedules (else None):
-        a tensor input, so a compiled objective is not recompiled when the values change."""
+        a tensor input, so a compiled objective is not recompiled when the values change. `epochs` is the
+        block's total: under a `steps N` budget, the epochs the runner found it needs (`block_epochs`)."""
         if not lowered.uses_clock:
             return None
-        return torch.tensor([self.epoch, self.stage.epochs, self.step_count], dtype=torch.float32,
+        epochs = self.block_epochs if self.block_epochs is not None else self.stage.epochs
+        return torch.tensor([self.epoch, epochs, self.step_count], dtype=torch.float32,
                             device=self.device)
 
     def update_order(self) -> list[str]:

@@ -129,6 +129,7 @@ def train_block(b: _Block, initial_state: dict[str, Any], snapshots: bool) -> di
     if _restore(b, initial_state):
         return b.best
     b.per_epoch, b.epochs = _budget(b)
+    b.exp.block_epochs = b.epochs  # `epochs` in loss schedules: a `steps` budget's epochs too
     test_loader = shard_loader(b.bundle, b.opts.rank, b.opts.world_size)
     val_loader = shard_loader(b.bundle, b.opts.rank, b.opts.world_size, "val") if b.bundle.val is not None \
         else None
