@@ -64,6 +64,18 @@ def xml_spec(tmp_path):
     return lambda order="alternating": _write(tmp_path, XML.replace("ORDER", order), f"xml_{order}.xspec")
 
 
+def test_objectives_update_nothing_not_even_batchnorm_running_statistics(xml_spec):
+    """`objectives` is a look, not a step: a training-mode forward moves BatchNorm's running mean, variance
+    and batch count, and all of them are put back."""
+    torch.manual_seed(0)
+    exp = xdsl.load(xml_spec())
+    before = {k: v.clone() for k, v in exp.compiled.root.state_dict().items()}
+    assert any("running_mean" in k for k in before)
+    exp.objectives(*_batch())
+    after = exp.compiled.root.state_dict()
+    assert [k for k, v in before.items() if not torch.equal(v, after[k])] == []
+
+
 def test_xml_objectives_match_hand_written_seed_formula(xml_spec):
     torch.manual_seed(0)
     exp = xdsl.load(xml_spec())

@@ -258,13 +258,18 @@ class Experiment:
 
     def objectives(self, x: torch.Tensor, y: torch.Tensor, i: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Every trained network's objective on (x, y[, i]) under the current weights (no update: the
-        stateful terms' buffers, such as CRD's memory, are put back as they were)."""
+        stateful terms' buffers, such as CRD's memory, and the networks' buffers, such as BatchNorm's
+        running statistics, which a training-mode forward moves, are put back as they were)."""
         self._require_stage()
         self._check_batch(x, y)
         saved = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in self.compiled.terms.items()}
+        buffers = [(b, b.clone()) for b in self.compiled.root.buffers()]
         losses, terms = self._call(self._all, x, y, i)
         for name, state in saved.items():
             self.compiled.terms[name].load_state_dict(state)
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
         return dict(zip(self._all.networks, losses))
 
     def _call(self, lowered: Lowered, x: torch.Tensor, y: torch.Tensor, i: torch.Tensor | None):
