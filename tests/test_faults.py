@@ -452,3 +452,15 @@ def test_checkpoint_write_errors_are_xdsl_errors(tmp_path):
     with pytest.raises(XdslError) as err:
         save_atomic({"x": torch.zeros(1)}, target)
     assert err.value.message == f"cannot write checkpoint '{target}': Not a directory"
+
+
+def test_resume_with_a_changed_setting_is_refused_and_leaves_the_run_as_it_was(spec, interrupted, tmp_path):
+    """A --set (or an edited spec) that differs from the run being resumed would train the rest with other
+    settings while spec.xspec records the new ones: a located refusal, the checkpoint and record untouched."""
+    out, last = _copy(interrupted, tmp_path)
+    recorded, checkpoint = (out / "spec.xspec").read_text(), last.read_bytes()
+    with pytest.raises(XdslError, match=r"differ from the run being resumed[\s\S]*lr=0\.001[\s\S]*lr=0\.2"):
+        run(spec, _opts(out, resume=True, overrides={"dml.lr": "0.2"}))
+    assert (out / "spec.xspec").read_text() == recorded and last.read_bytes() == checkpoint
+    run(spec, _opts(out, resume=True))  # the same settings resume
+    assert load_checkpoint(out / "checkpoints" / "dml" / "last.pt")["done"]

@@ -8,6 +8,7 @@ checkpoint), the final weights.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -488,6 +489,20 @@ def _data(spec: Path, program: ir.Program, opts: RunOptions, seed: int, device: 
                                       seed=seed, drop_last=False)
 
 
+def _same_spec(saved: Path, now: str) -> None:
+    """--resume continues the run that `saved` (its spec.xspec) describes: a spec or --set that now says
+    something else would train the rest differently from what the record says. Refuse, naming the lines."""
+    before = saved.read_text()
+    if before == now:
+        return
+    diff = [line for line in difflib.unified_diff(before.splitlines(), now.splitlines(), "the run", "now", lineterm="",
+                                                  n=0) if not line.startswith(("---", "+++", "@@"))]
+    raise XdslError(f"--resume: the spec and --set values differ from the run being resumed ({saved}):\n  "
+                    + "\n  ".join(diff[:12]),
+                    hint="resume with the spec and --set values the run started with, or start a new run "
+                         "(another --out; `after=` starts a block from a finished one's weights)")
+
+
 def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any]:
     """One seed: every train block, then its evaluation. Returns the results written to results.json."""
     device = pick_device(opts.device)
@@ -496,8 +511,11 @@ def run_one(spec: Path, opts: RunOptions, seed: int, out: Path) -> dict[str, Any
     program, run = exp.program, RunDir(out)
     bundle, sampler = _data(spec, program, opts, seed, device)
     check_data_fit(exp.compiled, bundle)  # class outputs against the built data's classes
+    ran = format_spec(resolved_spec(program))
+    if opts.resume and run.spec.exists():
+        _same_spec(run.spec, ran)
     if opts.rank == 0:
-        run.spec.write_text(format_spec(resolved_spec(program)))  # every setting as it ran
+        run.spec.write_text(ran)  # every setting as it ran
         _explain(run, exp.compiled)
         env = environment(spec, device, amp=exp.amp, compile_mode=exp.compile_mode,
                           deterministic=opts.deterministic, seed=seed)
