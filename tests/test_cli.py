@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from xdsl.cli import app
@@ -95,3 +96,19 @@ def test_unknown_compile_mode_is_a_clear_error_before_training(tmp_path):
     assert "Traceback" not in result.output
     assert "unknown torch.compile mode 'fastest'" in result.output and "max-autotune" in result.output
     assert not list((tmp_path / "run").glob("**/*.pt"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], "--seed"), (["--seed", str(2**32)], "--seed"), (["--seeds", "0"], "--seeds"),
+    (["--threads", "0"], "--threads"), (["--nproc", "-1"], "--nproc"),
+    (["--device", "tpu"], "--device tpu: not a device torch knows"),
+])
+def test_out_of_range_run_flags_are_clear_errors_before_anything_runs(flags, message, tmp_path):
+    """Each once ended in a traceback (numpy's seed range, torch.device) or ran nothing and exited 0."""
+    spec = tmp_path / "s.xspec"
+    spec.write_text("data digits(batch_size=32)\nnetwork a = builtin.mlp(num_classes=10, in_features=64)\n"
+                    "independent(a, epochs=1)\n")
+    result = CliRunner().invoke(app, ["run", str(spec), "--out", str(tmp_path / "run"), "-q", *flags])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run" / "results.json").exists()

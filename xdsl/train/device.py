@@ -20,7 +20,11 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise XdslError(f"--device {name}: CUDA is not available on this machine", hint="use --device cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise XdslError(f"--device {name}: not a device torch knows ({str(e).splitlines()[0]})",
+                        hint="use auto, cpu, cuda or cuda:N") from None
 
 
 def set_threads(threads: int | None, root: nn.Module, device: torch.device) -> None:
