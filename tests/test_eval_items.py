@@ -124,3 +124,15 @@ def test_evaluation_computes_each_shared_prefix_once_in_generated_code(tmp_path)
     with torch.no_grad():
         for out, text in zip(module(x), paths):
             torch.testing.assert_close(out, exp.forward(text, x))
+
+
+@pytest.mark.parametrize("keywords, message", [
+    ("sigmas=[-1]", r"sigmas is a non-empty list of noise scales >= 0, got \[-1\]"),
+    ("sigmas=[]", r"sigmas is a non-empty list"), ("draws=0", r"draws is an integer >= 1, got 0"),
+])
+def test_flatness_keywords_out_of_range_are_located_check_errors(keywords, message):
+    """A negative noise scale once checked and ran, reported as an 'ok' measurement."""
+    with pytest.raises(SpecError, match=message) as err:
+        check(parse(DATA + NETS + f"evaluate flatness(net1, {keywords})\n"))
+    assert err.value.pos.line == 4
+    assert check(parse(DATA + NETS + "evaluate flatness(net1, sigmas=[0, 0.01], draws=2)\n")).evaluate

@@ -33,6 +33,17 @@ class Flatness(EvaluateItem):
     per_sample = False   # random draws: one process evaluates the whole test set
     title_keywords = True
 
+    @classmethod
+    def check_keywords(cls, kwargs: Mapping[str, Any]) -> tuple[str, str, str | None] | None:
+        sigmas = kwargs.get("sigmas", cls.keywords["sigmas"])
+        if not isinstance(sigmas, list) or not sigmas or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and v >= 0 for v in sigmas):
+            return "sigmas", f"flatness(): sigmas is a non-empty list of noise scales >= 0, got {sigmas!r}", None
+        draws = kwargs.get("draws", cls.keywords["draws"])
+        if not isinstance(draws, int) or isinstance(draws, bool) or draws < 1:
+            return "draws", f"flatness(): draws is an integer >= 1, got {draws!r}", None
+        return super().check_keywords(kwargs)
+
     @property
     def sigmas(self) -> list[float]:
         return [float(s) for s in self.spec.kwargs.get("sigmas", [0.0, 0.01, 0.02, 0.05])]
