@@ -267,9 +267,8 @@ class Experiment:
         losses, terms = self._call(self._all, x, y, i)
         for name, state in saved.items():
             self.compiled.terms[name].load_state_dict(state)
-        with torch.no_grad():
-            for buffer, value in buffers:
-                buffer.copy_(value)
+        for buffer, value in buffers:  # swapped in, not copied: the graph of these objectives may have saved the
+            buffer.data = value         # buffer (BatchNorm does), and an in-place copy would fail its backward
         return dict(zip(self._all.networks, losses))
 
     def _call(self, lowered: Lowered, x: torch.Tensor, y: torch.Tensor, i: torch.Tensor | None):
