@@ -247,10 +247,16 @@ def _affine_of(mean: tuple[float, ...], std: tuple[float, ...], channels: int,
     return scale.float().view(-1, 1, 1).to(device), bias.float().view(-1, 1, 1).to(device)
 
 
+def _scale_shift(x: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    """x (float32, converted from uint8) * scale + bias in place, as a multiply and then an add, each
+    rounded: the one arithmetic both pipelines use, so that they agree bit for bit."""
+    return x.mul_(scale).add_(bias)
+
+
 def _to_float(img: Tensor, recipe: Recipe) -> Tensor:
-    """uint8 (C, H, W) -> normalised float32, the same arithmetic as the batched `_normalise`."""
+    """uint8 (C, H, W) -> normalised float32 (`_scale_shift`, as the batched path)."""
     scale, bias = _affine(recipe, img.shape[-3], img.device)
-    return img.to(torch.float32).mul_(scale).add_(bias)
+    return _scale_shift(img.to(torch.float32), scale, bias)
 
 
 def augment_one(img: Tensor, box: tuple[int, int, int, int, bool], recipe: Recipe) -> Tensor:
@@ -382,7 +388,7 @@ def _normalise(images: Tensor, recipe: Recipe, work: Workspace | None = None) ->
         out = (work or Workspace()).fresh(tuple(images.shape), torch.float32, images.device)
         step = _chunk(images.shape, images.device)
         for i in range(0, len(images), step):
-            out[i:i + step].copy_(images[i:i + step]).mul_(scale).add_(bias)
+            _scale_shift(out[i:i + step].copy_(images[i:i + step]), scale, bias)
         return out
     mean = torch.as_tensor(recipe.mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
     std = torch.as_tensor(recipe.std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
@@ -466,7 +472,7 @@ def _crop_flip_batch(images: Tensor, draws: Draws, recipe: Recipe, work: Workspa
         n = min(step, batch - i)
         torch.index_select(windows, 0, starts[i * rows_per_sample:(i + n) * rows_per_sample],
                            out=crop[:n].view(-1, out_w))
-        out[i:i + n].copy_(crop[:n]).mul_(scale).add_(bias)
+        _scale_shift(out[i:i + n].copy_(crop[:n]), scale, bias)
     return out
 
 
