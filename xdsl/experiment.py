@@ -263,7 +263,8 @@ class Experiment:
         self._require_stage()
         self._check_batch(x, y)
         saved = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in self.compiled.terms.items()}
-        buffers = [(b, b.clone()) for b in self.compiled.root.buffers()]
+        root = self.compiled.root  # the networks' buffers; the terms' (some reassigned in forward) come back above
+        buffers = [(b, b.clone()) for m in (root.parts, root.adapters) for b in m.buffers()]
         losses, terms = self._call(self._all, x, y, i)
         for name, state in saved.items():
             self.compiled.terms[name].load_state_dict(state)
