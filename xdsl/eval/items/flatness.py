@@ -46,11 +46,11 @@ class Flatness(EvaluateItem):
 
     @property
     def sigmas(self) -> list[float]:
-        return [float(s) for s in self.spec.kwargs.get("sigmas", [0.0, 0.01, 0.02, 0.05])]
+        return [float(s) for s in self.spec.kwargs.get("sigmas", self.keywords["sigmas"])]
 
     @property
     def draws(self) -> int:
-        return int(self.spec.kwargs.get("draws", 3))
+        return int(self.spec.kwargs.get("draws", self.keywords["draws"]))
 
     def plan(self, job: Pass) -> None:
         if 0.0 in self.sigmas and not self.on_train:  # the unperturbed numbers come from the shared pass
